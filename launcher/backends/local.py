@@ -1,0 +1,220 @@
+"""The local backend: every job as real processes on this machine, torchrun-style rank variables.
+
+Jobs run in parallel as far as the cores allow (`backend.max_parallel`), each with
+`tasks_per_node` processes that find each other through MASTER_ADDR/MASTER_PORT on loopback.
+The launch blocks, shows progress, and ends with the results table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.plan import JobPlan, SweepPlan
+from launcher.results import CANCELLED, COMPLETED, FAILED, JobResult, read_metrics, tail
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(job: JobPlan, rank: int, world_size: int, port: int, cpus: int, gpus: list[int] | None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(cpus),
+        PYTHONUNBUFFERED="1",
+    )
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    return env
+
+
+def log_path(job: JobPlan, rank: int) -> Path:
+    return job.run_dir / "logs" / f"rank{rank}.log"
+
+
+def render(plan: SweepPlan) -> str:
+    """What `apply` would run, one command per job."""
+    resources = plan.resource_groups[0][0]
+    lines = [
+        f"# local backend: {len(plan.jobs)} job(s), {resources['tasks_per_node']} process(es) each, "
+        f"{resources['cpus_per_task']} thread(s) per process, at most {max_parallel(resources)} at once"
+    ]
+    for job in plan.jobs:
+        lines.append(f"# job {job.num}: {job.label}")
+        lines.append(shlex.join(job.command))
+    return "\n".join(lines)
+
+
+def max_parallel(resources: dict) -> int:
+    if resources.get("max_parallel"):
+        return int(resources["max_parallel"])
+    per_job = int(resources["tasks_per_node"]) * int(resources["cpus_per_task"])
+    return max(1, (os.cpu_count() or 1) // per_job)
+
+
+@dataclass
+class _Running:
+    job: JobPlan
+    procs: list[subprocess.Popen]
+    started: float
+    logs: list = field(default_factory=list)
+
+
+def _progress(job: JobPlan) -> str:
+    try:
+        p = json.loads((job.run_dir / "progress.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return "starting"
+    if p.get("phase") == "eval":
+        return "evaluating"
+    total = p.get("total_steps") or 0
+    pct = f" {100 * p['step'] / total:.0f}%" if total else ""
+    loss = f" loss {p['loss']:.3f}" if isinstance(p.get("loss"), int | float) else ""
+    return f"step {p.get('step', 0)}/{total}{pct}{loss}"
+
+
+class _Progress:
+    """One status line, rewritten in place on a terminal, printed every 15 s otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.last = 0.0
+
+    def show(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.tty:
+            print("\r\033[K" + text[:200], end="", flush=True)
+        elif force or now - self.last > 15:
+            print(text, flush=True)
+            self.last = now
+
+    def done(self) -> None:
+        if self.tty:
+            print("\r\033[K", end="", flush=True)
+
+
+def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
+    """Run every job, at most `max_parallel` at once; return when all have ended."""
+    resources = plan.resource_groups[0][0]
+    tasks = int(resources["tasks_per_node"])
+    cpus = int(resources["cpus_per_task"])
+    gpus_total = int(resources.get("gpus_per_node") or 0)
+    limit = max_parallel(resources)
+    pending = list(plan.jobs)
+    running: list[_Running] = []
+    results: dict[int, JobResult] = {}
+    progress = _Progress()
+    print(
+        f"sweep {plan.sweep_id}: running {len(plan.jobs)} job(s) locally, {limit} at once; runs in {plan.sweep_dir}"
+    )
+
+    def start(job: JobPlan) -> _Running:
+        port = free_port()
+        procs, logs = [], []
+        for rank in range(tasks):
+            path = log_path(job, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(path, "ab")
+            gpus = None
+            if gpus_total:
+                share = max(1, gpus_total // tasks)
+                gpus = list(range(rank * share, (rank + 1) * share))
+            env = job_env(job, rank, tasks, port, cpus, gpus)
+            procs.append(
+                subprocess.Popen(
+                    job.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            )
+            logs.append(log)
+        print(f"  job {job.num} ({job.label}) started: log {log_path(job, 0)}", flush=True)
+        return _Running(job, procs, time.monotonic(), logs)
+
+    def finish(run: _Running, state: str, code: int | None) -> None:
+        for log in run.logs:
+            log.close()
+        path = log_path(run.job, 0)
+        results[run.job.num] = JobResult(
+            num=run.job.num,
+            label=run.job.label,
+            state=state,
+            exit_code=code,
+            log_path=path,
+            metrics=read_metrics(run.job.run_dir),
+            log_tail="" if state == COMPLETED else tail(_failed_log(run)),
+        )
+        note = "" if state == COMPLETED else f" (exit code {code})"
+        progress.done()
+        print(
+            f"  job {run.job.num} ({run.job.label}) {state}{note} after {time.monotonic() - run.started:.0f} s"
+        )
+
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                running.append(start(pending.pop(0)))
+            for run in list(running):
+                codes = [p.poll() for p in run.procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                if failed:
+                    # One rank failed: the others would wait forever in a collective.
+                    _stop(run.procs)
+                    finish(run, FAILED, failed[0])
+                    running.remove(run)
+                elif all(c == 0 for c in codes):
+                    finish(run, COMPLETED, 0)
+                    running.remove(run)
+            if running:
+                progress.show(
+                    f"  [{len(results)}/{len(plan.jobs)} done] "
+                    + " | ".join(f"job {r.job.num}: {_progress(r.job)}" for r in running)
+                )
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        progress.done()
+        print("interrupted: stopping the running jobs")
+        for run in running:
+            _stop(run.procs)
+            finish(run, CANCELLED, None)
+        for job in pending:
+            results[job.num] = JobResult(job.num, job.label, CANCELLED)
+        raise
+    progress.done()
+    return [results[j.num] for j in plan.jobs]
+
+
+def _failed_log(run: _Running) -> Path:
+    """The log of the first rank that exited non-zero (rank 0 when unclear)."""
+    for rank, proc in enumerate(run.procs):
+        if proc.returncode not in (None, 0, -signal.SIGTERM, -signal.SIGKILL):
+            return log_path(run.job, rank)
+    return log_path(run.job, 0)
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -1,0 +1,261 @@
+"""The Slurm backend: one job array per sweep (per distinct resource request), through submitit.
+
+`render` and `submit` build the batch script with the same submitit function, so the dry-run
+text is exactly what sbatch receives. Submission is all-or-nothing: if sbatch refuses a later
+array, the arrays already accepted are cancelled and sbatch's own message is reported.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import LaunchError
+from launcher.plan import SweepPlan
+from launcher.results import COMPLETED, FAILED, TERMINAL, JobResult, read_metrics, tail
+
+# Our resource words -> submitit's SlurmExecutor parameters (which are sbatch's).
+_DIRECT = (
+    "partition",
+    "account",
+    "qos",
+    "nodes",
+    "cpus_per_task",
+    "constraint",
+    "exclude",
+    "signal_delay_s",
+    "setup",
+    "srun_args",
+    "array_parallelism",
+    "comment",
+    "additional_parameters",
+)
+
+
+def sbatch_parameters(resources: dict[str, Any], job_name: str) -> dict[str, Any]:
+    """Translate a resolved backend config into submitit/sbatch parameters."""
+    params: dict[str, Any] = {k: resources[k] for k in _DIRECT if resources.get(k) not in (None, [], {})}
+    params["ntasks_per_node"] = int(resources["tasks_per_node"])
+    params["time"] = int(resources["time_min"])
+    if resources.get("gpus_per_node"):
+        params["gpus_per_node"] = int(resources["gpus_per_node"])
+    if resources.get("mem_gb"):
+        params["mem"] = f"{int(resources['mem_gb'])}GB"
+    params["job_name"] = resources.get("job_name") or job_name
+    params["stderr_to_stdout"] = True  # one log per task: errors next to the output that led to them
+    return params
+
+
+def _python(plan: SweepPlan, resources: dict[str, Any]) -> str:
+    return resources.get("python") or shlex.quote(sys.executable)
+
+
+def _folder(plan: SweepPlan) -> Path:
+    return plan.sweep_dir / "slurm" / "%j"
+
+
+def _job_name(plan: SweepPlan) -> str:
+    return "vl-" + plan.jobs[0].config["job"]["name"]
+
+
+def render(plan: SweepPlan) -> str:
+    """The exact sbatch script(s) `submit` would hand to sbatch."""
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    texts = []
+    for resources, nums in plan.resource_groups:
+        params = sbatch_parameters(resources, _job_name(plan))
+        executor = SlurmExecutor(folder=_folder(plan), python=_python(plan, resources))
+        executor.update_parameters(**params)
+        if len(plan.jobs) > 1:
+            executor.parameters["map_count"] = len(nums)
+        text = _make_sbatch_string(
+            command=executor._submitit_command_str, folder=executor.folder, **executor.parameters
+        )
+        jobs = ", ".join(f"{i}={plan.jobs[n].label}" for i, n in enumerate(nums))
+        texts.append(f"# --- sbatch script for {len(nums)} job(s) [array index=job: {jobs}]\n{text}")
+    return "\n".join(texts)
+
+
+def _validate(resources: dict[str, Any], plan: SweepPlan) -> dict[str, Any]:
+    from submitit.slurm.slurm import SlurmExecutor
+
+    params = sbatch_parameters(resources, _job_name(plan))
+    try:
+        SlurmExecutor(folder=_folder(plan)).update_parameters(**params)
+    except ValueError as e:  # submitit lists the valid parameters
+        raise LaunchError(f"invalid Slurm parameters: {e}") from None
+    return params
+
+
+@dataclass
+class Submission:
+    array_ids: list[str]
+    job_ids: list[str]  # per job of the plan, e.g. "1234_0"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"array_ids": self.array_ids, "job_ids": self.job_ids}
+
+
+def submit(plan: SweepPlan) -> Submission:
+    """Submit every job; returns as soon as Slurm has accepted them all."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    from launcher.task import TrainerTask
+
+    if shutil.which("sbatch") is None:
+        raise LaunchError(
+            "sbatch not found on PATH: run on a Slurm login node (or start infra/local_slurm.sh up)"
+        )
+    all_params = [_validate(resources, plan) for resources, _ in plan.resource_groups]
+    job_ids: dict[int, str] = {}
+    arrays: list[str] = []
+    try:
+        for (resources, nums), params in zip(plan.resource_groups, all_params, strict=True):
+            executor = submitit.SlurmExecutor(folder=_folder(plan), python=_python(plan, resources))
+            executor.update_parameters(**params)
+            tasks = [TrainerTask(plan.jobs[n].command, str(plan.jobs[n].run_dir)) for n in nums]
+            if len(plan.jobs) == 1:
+                jobs = [executor.submit(tasks[0])]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(t) for t in tasks]
+            arrays.append(jobs[0].job_id.split("_")[0])
+            for n, job in zip(nums, jobs, strict=True):
+                job_ids[n] = job.job_id
+    except (FailedJobError, subprocess.CalledProcessError) as e:
+        if arrays:
+            subprocess.run(["scancel", *arrays], check=False, capture_output=True)
+        raise LaunchError(
+            f"sbatch refused the sweep: {_sbatch_message(e)}" + _cancelled_note(arrays)
+        ) from None
+    return Submission(array_ids=arrays, job_ids=[job_ids[j.num] for j in plan.jobs])
+
+
+def _cancelled_note(arrays: list[str]) -> str:
+    return f" (cancelled the arrays already accepted: {', '.join(arrays)})" if arrays else ""
+
+
+def _sbatch_message(error: Exception) -> str:
+    text = str(error)
+    found = re.findall(r"sbatch: error: (.*)", text)
+    return "; ".join(dict.fromkeys(found)) if found else text.strip().splitlines()[-1]
+
+
+def log_path(plan_dir: Path, job_id: str) -> Path:
+    """Task 0's log of a submitit job (arrays use <array>_<index> as job id)."""
+    return plan_dir / "slurm" / job_id / f"{job_id}_0_log.out"
+
+
+# ---------------------------------------------------------------- status
+
+_ARRAY_RANGE = re.compile(r"^(\d+)_\[(.+)\]$")
+
+
+def _expand(job_id: str) -> list[str]:
+    """'12_[0-3,7%2]' -> ['12_0', ..., '12_3', '12_7']; plain ids unchanged."""
+    m = _ARRAY_RANGE.match(job_id)
+    if not m:
+        return [job_id]
+    base, spec = m.group(1), m.group(2).split("%")[0]
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def query_states(array_ids: list[str]) -> dict[str, tuple[str, int | None]]:
+    """State and exit code of every job of the given arrays: one sacct call, squeue as a fallback."""
+    states: dict[str, tuple[str, int | None]] = {}
+    if not array_ids:
+        return states
+    proc = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(array_ids)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == 0:
+        for line in proc.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) < 3:
+                continue
+            job_id, state, exit_code = parts[0], parts[1].split()[0], parts[2]
+            code = int(exit_code.split(":")[0]) if exit_code and exit_code[0].isdigit() else None
+            for jid in _expand(job_id):
+                states[jid] = (state, code)
+        return states
+    # Accounting disabled or unreachable: squeue knows jobs until they leave the queue.
+    proc = subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(array_ids)], capture_output=True, text=True
+    )
+    for line in proc.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id] = (state, None)
+    return states
+
+
+def collect(plan_dir: Path, labels: list[str], job_ids: list[str], run_dirs: list[Path]) -> list[JobResult]:
+    """Current results of the jobs of a sweep (states from Slurm, metrics from the run dirs)."""
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    states = query_states(arrays)
+    results = []
+    for num, (label, job_id, run_dir) in enumerate(zip(labels, job_ids, run_dirs, strict=True)):
+        state, code = states.get(job_id, ("PENDING", None))
+        log = log_path(plan_dir, job_id)
+        result = JobResult(num=num, label=label, state=state, exit_code=code, log_path=log)
+        if state == COMPLETED:
+            result.metrics = read_metrics(run_dir)
+        elif state in TERMINAL:
+            codes = _exit_codes(run_dir)
+            if codes and any(codes):
+                result.exit_code = next(c for c in codes if c)
+            result.log_tail = tail(log)
+        results.append(result)
+    return results
+
+
+def _exit_codes(run_dir: Path) -> list[int]:
+    status = Path(run_dir) / "status"
+    if not status.is_dir():
+        return []
+    codes = []
+    for f in sorted(status.glob("exit_code.rank*")):
+        try:
+            codes.append(int(f.read_text().strip()))
+        except ValueError:
+            pass
+    return codes
+
+
+def wait(plan: SweepPlan, submission: Submission, poll_s: float = 5.0) -> list[JobResult]:
+    """Block until every job has ended, printing the state counts as they change."""
+    labels = [j.label for j in plan.jobs]
+    run_dirs = [j.run_dir for j in plan.jobs]
+    last = ""
+    tty = sys.stdout.isatty()
+    while True:
+        results = collect(plan.sweep_dir, labels, submission.job_ids, run_dirs)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.state] = counts.get(r.state, 0) + 1
+        line = "  " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        if line != last:
+            print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", flush=True)
+            last = line
+        if all(r.state in TERMINAL for r in results):
+            if tty:
+                print()
+            return results
+        time.sleep(poll_s)
+
+
+__all__ = ["render", "submit", "wait", "collect", "query_states", "Submission", "COMPLETED", "FAILED"]

@@ -1,0 +1,177 @@
+"""Plan a sweep: pure functions from composed configs to what a backend will do.
+
+Nothing here touches the filesystem or a scheduler except to *check* that inputs exist, so
+`--dry-run` prints exactly what `apply` would do and golden files can pin it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import LaunchError
+from launcher.schema import BACKEND_SCHEMAS, SITE_FALLBACKS, backend_fields
+from trainers.registry import FAMILIES
+
+
+@dataclass
+class JobPlan:
+    """One job of a sweep: its config (written to run_dir/config.yaml) and trainer command."""
+
+    num: int
+    overrides: list[str]
+    run_dir: Path
+    config: dict[str, Any]
+    command: list[str]
+    label: str = ""  # the overrides that tell this job apart, for tables and log lines
+
+
+@dataclass
+class SweepPlan:
+    sweep_id: str
+    sweep_dir: Path
+    backend: str
+    jobs: list[JobPlan]
+    command_line: str
+    # Jobs that share backend resources go into one Slurm array: {resources key: job indices}.
+    resource_groups: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
+
+
+# Overrides that say how to launch, not what to train: left out of job labels.
+_LAUNCH_KEYS = ("backend", "hydra/launcher", "dry_run", "wait", "wait_poll_s", "runs_root", "site")
+
+
+def job_labels(overrides: list[list[str]]) -> list[str]:
+    """What sets each job apart: the overrides not shared by every job of the sweep."""
+    shared = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
+    labels = []
+    for job in overrides:
+        keep = [
+            o for o in job if o not in shared and not o.split("=")[0].lstrip("+~").startswith(_LAUNCH_KEYS)
+        ]
+        labels.append(" ".join(keep) or "(defaults)")
+    return labels
+
+
+def new_sweep_id() -> str:
+    """Sortable and unique enough for concurrent launchers: time plus 16 random bits."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Backend resources after filling unset fields from the site profile, then the fallbacks."""
+    name = backend_cfg["name"]
+    if name not in BACKEND_SCHEMAS:
+        raise LaunchError(f"unknown backend '{name}'; choose one of: {', '.join(sorted(BACKEND_SCHEMAS))}")
+    site = dict((site_cfg or {}).get(name) or {})
+    valid = set(backend_fields(name))
+    unknown = sorted(set(site) - valid)
+    if unknown:
+        raise LaunchError(
+            f"site profile sets unknown {name} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}"
+        )
+    resolved = dict(backend_cfg)
+    fallbacks = SITE_FALLBACKS.get(name, {})
+    for key in valid:
+        if resolved.get(key) is None:
+            resolved[key] = site.get(key, fallbacks.get(key))
+    if name == "local" and resolved["nodes"] != 1:
+        raise LaunchError(
+            "backend=local runs on this machine only: nodes must be 1 (use backend=slurm for more)"
+        )
+    for key in ("nodes", "tasks_per_node", "cpus_per_task"):
+        if resolved.get(key) is not None and int(resolved[key]) < 1:
+            raise LaunchError(f"backend.{key} must be at least 1, got {resolved[key]}")
+    return resolved
+
+
+def check_dataset(dataset: dict[str, Any]) -> None:
+    """Fail on the laptop when a real dataset's files are missing (sample data is made on demand)."""
+    root = dataset.get("data_root")
+    if root is None:
+        return
+    root_path = Path(root).expanduser()
+    needed = [("annotation file", dataset["anno"][split]) for split in dataset["anno"]]
+    needed.append(("media directory", dataset["media_dir"]))
+    for what, rel in needed:
+        path = root_path / rel
+        if not path.exists():
+            raise LaunchError(
+                f"dataset {dataset['name']}: {what} {path} does not exist; put it there, or point "
+                f"dataset.data_root= at the directory holding {rel} (leave data_root unset for the sample data)"
+            )
+
+
+def check_trainer(job: dict[str, Any]) -> str:
+    """The trainer's module, after checking that it can run this dataset's task."""
+    family = job["trainer"]["family"]
+    if family not in FAMILIES:
+        raise LaunchError(f"unknown trainer family '{family}'; known: {', '.join(sorted(FAMILIES))}")
+    spec = FAMILIES[family]
+    task = job["dataset"]["task"]
+    if task not in spec.tasks:
+        raise LaunchError(
+            f"trainer={family} does not train {task} datasets ({job['dataset']['name']}); it trains: "
+            + ", ".join(spec.tasks)
+        )
+    return spec.module
+
+
+def plan_sweep(
+    composed: list[tuple[list[str], dict[str, Any]]],
+    *,
+    command_line: str,
+    sweep_id: str | None = None,
+    python: str | None = None,
+) -> SweepPlan:
+    """Turn resolved job configs into a plan. Every job is checked before any is submitted."""
+    if not composed:
+        raise LaunchError("the sweep has no jobs")
+    sweep_id = sweep_id or new_sweep_id()
+    first = composed[0][1]
+    backend = first["backend"]["name"]
+    sweep_dir = Path(first["runs_root"]).expanduser().resolve() / sweep_id
+    jobs: list[JobPlan] = []
+    groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
+    for num, (overrides, cfg) in enumerate(composed):
+        if cfg["backend"]["name"] != backend:
+            raise LaunchError("one sweep runs on one backend; do not sweep over backend=")
+        module = check_trainer(cfg)
+        check_dataset(cfg["dataset"])
+        resources = effective_backend(cfg["backend"], cfg.get("site", {}))
+        run_dir = sweep_dir / "jobs" / str(num)
+        interpreter = resources.get("python") or python or sys.executable
+        job_cfg = {
+            "job": {
+                "sweep_id": sweep_id,
+                "num": num,
+                "run_dir": str(run_dir),
+                "overrides": list(overrides),
+                "name": cfg.get("name") or cfg["trainer"]["family"],
+            },
+            "seed": cfg["seed"],
+            "trainer": cfg["trainer"],
+            "dataset": cfg["dataset"],
+            "backend": resources,
+        }
+        command = [*shlex.split(interpreter), "-m", module, str(run_dir / "config.yaml")]
+        jobs.append(
+            JobPlan(num=num, overrides=list(overrides), run_dir=run_dir, config=job_cfg, command=command)
+        )
+        key = repr(sorted(resources.items()))
+        groups.setdefault(key, (resources, []))[1].append(num)
+    for job, label in zip(jobs, job_labels([j.overrides for j in jobs]), strict=True):
+        job.label = label
+    return SweepPlan(
+        sweep_id=sweep_id,
+        sweep_dir=sweep_dir,
+        backend=backend,
+        jobs=jobs,
+        command_line=command_line,
+        resource_groups=list(groups.values()),
+    )

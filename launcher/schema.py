@@ -1,0 +1,88 @@
+"""Typed configs of the submitting side: one dataclass per backend, registered with Hydra.
+
+The dataclass *is* the schema: composing `backend=slurm backend.partitio=gpu` fails at
+compose time and the launcher lists these fields as the valid keys. Resource words mean the
+same thing in every backend (`nodes`, `tasks_per_node`, `gpus_per_node`, `cpus_per_task`,
+`mem_gb`, `time_min`).
+
+Fields left `None` are filled, in order, from the site profile (`conf/site/*.yaml`, the
+values a user sets once) and then from `SITE_FALLBACKS` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class LocalBackend:
+    """Run jobs as processes on this machine (the embedded default)."""
+
+    name: str = "local"
+    nodes: int = 1  # must stay 1: a local job cannot span machines
+    tasks_per_node: int | None = None  # processes per job (the DDP world size)
+    cpus_per_task: int | None = None  # torch threads per process
+    gpus_per_node: int | None = None  # GPUs per job, split between its tasks
+    max_parallel: int | None = None  # jobs running at once; None: as many as the cores allow
+
+
+@dataclass
+class SlurmBackend:
+    """Submit through submitit as one job array per sweep."""
+
+    name: str = "slurm"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int | None = None
+    tasks_per_node: int | None = None  # one trainer process per task (srun)
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None  # memory per node
+    time_min: int | None = None  # time limit of each job, minutes
+    constraint: str | None = None
+    exclude: str | None = None  # nodes to avoid, Slurm hostlist syntax
+    signal_delay_s: int | None = None  # USR2 this many seconds before the time limit
+    setup: list[str] | None = None  # shell lines run in the batch script before srun
+    srun_args: list[str] | None = None  # extra arguments to srun
+    array_parallelism: int | None = None  # array tasks running at once (the %N of --array)
+    job_name: str | None = None  # default: vl-<trainer>-<dataset>
+    comment: str | None = None
+    additional_parameters: dict[str, Any] | None = None  # any other sbatch flag, e.g. {mail-type: END}
+    python: str | None = None  # interpreter command on the nodes; default: the launcher's own
+
+
+# Values used when neither the backend config nor the site profile sets a field.
+SITE_FALLBACKS: dict[str, dict[str, Any]] = {
+    "local": {"tasks_per_node": 1, "cpus_per_task": 1, "gpus_per_node": 0},
+    "slurm": {
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "cpus_per_task": 2,
+        "gpus_per_node": 0,
+        "time_min": 60,
+        "signal_delay_s": 120,
+        "array_parallelism": 256,
+        "setup": [],
+        "srun_args": [],
+        "additional_parameters": {},
+    },
+}
+
+BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackend, "slurm": SlurmBackend}
+
+
+def backend_fields(name: str) -> list[str]:
+    """The valid keys of a backend's config, for error messages."""
+    return [f.name for f in dataclasses.fields(BACKEND_SCHEMAS[name])]
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra; conf/backend/*.yaml extend them."""
+    cs = ConfigStore.instance()
+    cs.store(name="local_backend_schema", node=LocalBackend)
+    cs.store(name="slurm_backend_schema", node=SlurmBackend)

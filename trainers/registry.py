@@ -1,0 +1,17 @@
+"""What each trainer family is, without importing it (the launcher reads this; no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str  # run on the node as `python -m <module> <run_dir>/config.yaml`
+    tasks: tuple[str, ...]  # dataset tasks it trains on
+    framework: str  # torch | jax
+
+
+FAMILIES: dict[str, Family] = {
+    "singularity": Family(module="trainers.singularity", tasks=("retrieval", "qa"), framework="torch"),
+}
