@@ -1,0 +1,53 @@
+# Everything a fresh machine needs: `make demo` and `make test` set up what they use.
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+# A local CPU build of torch; an unpinned torch would pull gigabytes of CUDA packages.
+TORCH := torch==2.13.0
+
+.PHONY: install demo test test-unit sample-data slurm-up slurm-down lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	@echo "== setting up $(VENV) (python packages)"
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -e ".[torch,dev]" --config-settings editable_mode=compat
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+sample-data: install
+	$(PYTHON) -m trainers.core.sample_data didemo msrvtt msrvtt_qa
+
+demo: install sample-data
+	$(PYTHON) -m launcher -m trainer=singularity dataset=didemo,msrvtt
+
+slurm-up:
+	infra/local_slurm.sh up
+
+slurm-down:
+	infra/local_slurm.sh down
+
+test: install slurm-up
+	$(PYTHON) -m pytest -q -ra
+
+test-unit: install
+	$(PYTHON) -m pytest -q -ra -m "not slurm"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install slurm-up
+	$(PYTHON) benchmarks/help_time.py
+	$(PYTHON) benchmarks/submit_cost.py
+
+clean:
+	rm -rf $(VENV) .state runs .pytest_cache

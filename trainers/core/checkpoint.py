@@ -1,0 +1,98 @@
+"""Training checkpoints that are either complete and loadable or invisible.
+
+Each checkpoint is written to a temporary name in the same directory, flushed to disk, and
+renamed into place (a rename is atomic on POSIX); the `latest` pointer is replaced the same way
+afterwards. A save killed at any moment leaves the previous checkpoint as the latest.
+
+The state saved by the trainers: model, optimizer, scheduler, grad scaler, step, epoch, and the
+RNG states (python, numpy, torch, CUDA) so a resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LATEST = "latest"
+_NAME = re.compile(r"^ckpt_(\d+)\.pth$")
+
+
+def _fsync_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `ckpt_<step>.pth` atomically, point `latest` at it, keep the newest `keep` files."""
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"ckpt_{step:08d}.pth"
+    _fsync_write(path, lambda f: torch.save(state, f))
+    _fsync_write(directory / LATEST, lambda f: f.write(path.name.encode()))
+    if keep > 0:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary files never match the name pattern)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest(directory: str | Path) -> Path | None:
+    """The checkpoint `latest` names; failing that, the newest complete one; None if there is none."""
+    directory = Path(directory)
+    pointer = directory / LATEST
+    if pointer.exists():
+        candidate = directory / pointer.read_text().strip()
+        if candidate.exists():
+            return candidate
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    # Our own checkpoints hold optimizer/scheduler state and RNG tuples: not weights-only.
+    return torch.load(path, map_location=map_location, weights_only=False)
