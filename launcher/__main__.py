@@ -106,8 +106,9 @@ def main() -> None:
 
 
 def _die(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    from launcher.sweep import fail
+
+    sys.exit(fail(message))
 
 
 def _explain(error: Exception, args: list[str]) -> str | None:
@@ -118,7 +119,7 @@ def _explain(error: Exception, args: list[str]) -> str | None:
     if isinstance(error, MissingConfigException):
         return _missing_option(error)
     if isinstance(error, OverrideParseException):
-        return f"cannot parse the command line: {str(error).splitlines()[0]}"
+        return _unparsable(args) or f"cannot parse the command line: {str(error).splitlines()[0]}"
     if not isinstance(error, ConfigCompositionException | OmegaConfBaseException):
         return None
     cause = error.__cause__ or error
@@ -128,6 +129,24 @@ def _explain(error: Exception, args: list[str]) -> str | None:
         return _unknown_key(key, args)
     detail = str(cause).splitlines()[0] if cause is not error else ""
     return f"{text} {detail}".strip()
+
+
+def _unparsable(args: list[str]) -> str | None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_override(arg)
+        except Exception as e:  # noqa: BLE001
+            reason = str(e).splitlines()[0]
+            return (
+                f"cannot parse '{arg}' ({reason}); quote values holding = [ ] , or spaces, "
+                "e.g. backend.srun_args=\"['--cpu-bind=none']\""
+            )
+    return None
 
 
 def _missing_option(error) -> str:

@@ -9,7 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launcher import sweep
 from launcher.compose import SweepComposer, to_plain
+from launcher.errors import LaunchError
 from launcher.plan import plan_sweep
 from launcher.schema import register_configs
 from launcher.sweep import command_line, run_plan
@@ -24,7 +26,8 @@ def launch_overrides(config_loader, master: DictConfig, job_overrides: Sequence[
     """Multirun: compose every job (fast path), plan them together, apply once."""
     composer = SweepComposer(config_loader, master)
     composed = [(list(o), to_plain(composer.compose(o))) for o in job_overrides]
-    plan = plan_sweep(composed, command_line=command_line())
+    # The id as Hydra resolved it for the sweep dir; jobs composed later must not draw a new one.
+    plan = plan_sweep(composed, command_line=command_line(), sweep_id=str(master.sweep_id))
     return run_plan(
         plan, dry_run=bool(master.dry_run), wait=bool(master.wait), poll_s=float(master.wait_poll_s)
     )
@@ -35,5 +38,10 @@ def main(cfg: DictConfig) -> int:
     """Single run (no -m): one job on the chosen backend, the same way a sweep of one would."""
     overrides = list(HydraConfig.get().overrides.task)
     job = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    plan = plan_sweep([(overrides, job)], command_line=command_line())
-    return run_plan(plan, dry_run=bool(cfg.dry_run), wait=bool(cfg.wait), poll_s=float(cfg.wait_poll_s))
+    try:
+        plan = plan_sweep([(overrides, job)], command_line=command_line())
+        return run_plan(plan, dry_run=bool(cfg.dry_run), wait=bool(cfg.wait), poll_s=float(cfg.wait_poll_s))
+    except LaunchError as e:
+        # Raised out of a Hydra task function, it would be wrapped in a multi-line report.
+        sweep.EXIT_STATUS = sweep.fail(e)
+        return sweep.EXIT_STATUS

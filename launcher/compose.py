@@ -27,6 +27,9 @@ class SweepComposer:
         self._parser = OverridesParser.create()
         self._templates: dict[tuple[str, ...], DictConfig] = {}
         self._group_cache: dict[str, bool] = {}
+        # Resolve the sweep id once: load_sweep_config copies the master's resolver cache, so
+        # every job then shares it.
+        _ = master_config.sweep_id
 
     def _is_group(self, override: Override) -> bool:
         key = override.key_or_group

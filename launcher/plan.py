@@ -6,16 +6,14 @@ Nothing here touches the filesystem or a scheduler except to *check* that inputs
 
 from __future__ import annotations
 
-import secrets
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import LaunchError
-from launcher.schema import BACKEND_SCHEMAS, SITE_FALLBACKS, backend_fields
+from launcher.schema import BACKEND_SCHEMAS, SITE_FALLBACKS, backend_fields, new_sweep_id
 from trainers.registry import FAMILIES
 
 
@@ -43,7 +41,17 @@ class SweepPlan:
 
 
 # Overrides that say how to launch, not what to train: left out of job labels.
-_LAUNCH_KEYS = ("backend", "hydra/launcher", "dry_run", "wait", "wait_poll_s", "runs_root", "site")
+_LAUNCH_KEYS = (
+    "backend",
+    "hydra/launcher",
+    "dry_run",
+    "wait",
+    "wait_poll_s",
+    "runs_root",
+    "site",
+    "sweep_id",
+    "name",
+)
 
 
 def job_labels(overrides: list[list[str]]) -> list[str]:
@@ -56,11 +64,6 @@ def job_labels(overrides: list[list[str]]) -> list[str]:
         ]
         labels.append(" ".join(keep) or "(defaults)")
     return labels
-
-
-def new_sweep_id() -> str:
-    """Sortable and unique enough for concurrent launchers: time plus 16 random bits."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
 def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -132,8 +135,8 @@ def plan_sweep(
     """Turn resolved job configs into a plan. Every job is checked before any is submitted."""
     if not composed:
         raise LaunchError("the sweep has no jobs")
-    sweep_id = sweep_id or new_sweep_id()
     first = composed[0][1]
+    sweep_id = sweep_id or first.get("sweep_id") or new_sweep_id()
     backend = first["backend"]["name"]
     sweep_dir = Path(first["runs_root"]).expanduser().resolve() / sweep_id
     jobs: list[JobPlan] = []

@@ -12,10 +12,13 @@ values a user sets once) and then from `SITE_FALLBACKS` below.
 from __future__ import annotations
 
 import dataclasses
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -81,8 +84,16 @@ def backend_fields(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(BACKEND_SCHEMAS[name])]
 
 
+def new_sweep_id() -> str:
+    """Sortable and unique enough for concurrent launchers: time plus 16 random bits."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
 def register_configs() -> None:
-    """Register the schemas with Hydra; conf/backend/*.yaml extend them."""
+    """Register the schemas with Hydra (conf/backend/*.yaml extend them) and our resolver."""
+    if not OmegaConf.has_resolver("vl.new_sweep_id"):
+        # Cached: every job of a sweep (composed from the same master config) gets the same id.
+        OmegaConf.register_new_resolver("vl.new_sweep_id", new_sweep_id, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="local_backend_schema", node=LocalBackend)
     cs.store(name="slurm_backend_schema", node=SlurmBackend)

@@ -32,6 +32,12 @@ except AttributeError:  # pragma: no cover
 USER_ARGS: list[str] | None = None
 
 
+def fail(error: Exception) -> int:
+    """Print a user error as one line; the exit status for it."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 def command_line() -> str:
     args = sys.argv[1:] if USER_ARGS is None else USER_ARGS
     return shlex.join(["python", "-m", "launcher", *args])
@@ -62,6 +68,16 @@ def write_manifest(plan: SweepPlan, handles: dict[str, Any]) -> None:
     tmp.replace(plan.sweep_dir / "sweep.json")
 
 
+def _remove_hydra_leftovers(plan: SweepPlan) -> None:
+    """Hydra makes the sweep dir (and multirun.yaml) before we run; a dry run leaves nothing."""
+    leftovers = plan.sweep_dir / "multirun.yaml"
+    leftovers.unlink(missing_ok=True)
+    try:
+        plan.sweep_dir.rmdir()
+    except OSError:
+        pass  # not empty: an earlier sweep with this id
+
+
 def report(results: list[JobResult]) -> int:
     """Print the results table (and failures); the exit status: 0 only if every job completed."""
     print()
@@ -83,6 +99,7 @@ def run_plan(plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0)
         )
         print(f"# command: {plan.command_line}")
         print(backend.render(plan))
+        _remove_hydra_leftovers(plan)
         EXIT_STATUS = 0
         return EXIT_STATUS
     write_run_dirs(plan)

@@ -1,0 +1,177 @@
+"""The launcher's command line: composition, plans (golden sbatch scripts), and its errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden"
+TRAINERS = sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (REPO / "conf" / "dataset").glob("*.yaml"))
+
+
+def launcher(*args: str, runs: Path, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VLAUNCH_RUNS=str(runs))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def normalise(text: str, runs: Path) -> str:
+    """Machine-specific paths out, so the plan text can be compared with a golden file."""
+    return text.replace(str(runs), "<RUNS>").replace(sys.executable, "<PYTHON>").replace(str(REPO), "<REPO>")
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+        if not os.environ.get("UPDATE_GOLDEN"):
+            pytest.fail(f"golden file {path} was missing and has been written; check it and rerun")
+    assert text == path.read_text(), f"plan differs from {path}; rerun with UPDATE_GOLDEN=1 if intended"
+
+
+@pytest.mark.parametrize("backend", ["local", "slurm"])
+def test_every_trainer_dataset_combination_plans(tmp_path, backend):
+    proc = launcher(
+        "-m",
+        f"trainer={','.join(TRAINERS)}",
+        f"dataset={','.join(DATASETS)}",
+        f"backend={backend}",
+        "--dry-run",
+        runs=tmp_path,
+        check=True,
+    )
+    assert f"{len(TRAINERS) * len(DATASETS)} job(s) on {backend}" in proc.stdout
+    for dataset in DATASETS:
+        assert f"dataset={dataset}" in proc.stdout
+    assert not any(tmp_path.iterdir()), "a dry run must not write run directories"
+
+
+def test_golden_sbatch_for_a_sweep(tmp_path):
+    proc = launcher(
+        "-m",
+        "trainer=singularity",
+        "dataset=didemo,msrvtt",
+        "hydra/launcher=slurm",
+        "site=local_slurm",
+        "sweep_id=golden",
+        "--dry-run",
+        runs=tmp_path,
+        check=True,
+    )
+    text = normalise(proc.stdout, tmp_path)
+    assert "#SBATCH --array=0-1%2" in text
+    check_golden("slurm_sweep.txt", text)
+
+
+def test_golden_sbatch_for_a_two_node_job_with_every_resource(tmp_path):
+    proc = launcher(
+        "trainer=singularity",
+        "dataset=msrvtt",
+        "backend=slurm",
+        "backend.partition=gpu",
+        "backend.account=vl-project",
+        "backend.qos=high",
+        "backend.nodes=2",
+        "backend.tasks_per_node=4",
+        "backend.gpus_per_node=4",
+        "backend.cpus_per_task=8",
+        "backend.mem_gb=256",
+        "backend.time_min=720",
+        "backend.constraint=a100",
+        "backend.exclude='gpu[07-08]'",
+        "backend.signal_delay_s=300",
+        "backend.setup=['module load cuda/12.4','export NCCL_DEBUG=WARN']",
+        "backend.srun_args=['--cpu-bind=none']",
+        "sweep_id=golden2",
+        "--dry-run",
+        runs=tmp_path,
+        check=True,
+    )
+    text = normalise(proc.stdout, tmp_path)
+    assert "--array" not in text, "a single run is one job, not an array"
+    check_golden("slurm_two_nodes.txt", text)
+
+
+def test_unknown_key_fails_with_the_valid_keys(tmp_path):
+    proc = launcher("-m", "dataset=didemo,msrvtt", "backend=slurm", "backend.partitio=gpu", runs=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "unknown key 'backend.partitio'" in lines[0]
+    assert "partition" in lines[0] and "tasks_per_node" in lines[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_choice_lists_the_options(tmp_path):
+    proc = launcher("dataset=msrvt", runs=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown dataset 'msrvt'; choose one of: " + ", ".join(DATASETS)
+
+
+def test_wrong_type_is_one_line(tmp_path):
+    proc = launcher("backend=slurm", "backend.nodes=two", runs=tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "backend.nodes=two" in proc.stderr
+
+
+def test_backend_and_hydra_launcher_are_one_choice(tmp_path):
+    via_launcher = launcher("hydra/launcher=slurm", "sweep_id=a", "--dry-run", runs=tmp_path, check=True)
+    via_backend = launcher("backend=slurm", "sweep_id=a", "--dry-run", runs=tmp_path, check=True)
+    script = lambda out: out.split("# --- sbatch", 1)[1]  # noqa: E731
+    assert script(via_launcher.stdout) == script(via_backend.stdout)
+    clash = launcher("backend=slurm", "hydra/launcher=local", runs=tmp_path)
+    assert clash.returncode == 2 and "disagree" in clash.stderr
+
+
+def test_site_profile_fills_unset_fields_and_the_command_line_wins(tmp_path):
+    site = launcher("backend=slurm", "site=local_slurm", "--dry-run", runs=tmp_path, check=True)
+    assert "#SBATCH --partition=debug" in site.stdout
+    assert "#SBATCH --time=20" in site.stdout
+    explicit = launcher(
+        "backend=slurm", "site=local_slurm", "backend.partition=long", "--dry-run", runs=tmp_path, check=True
+    )
+    assert "#SBATCH --partition=long" in explicit.stdout
+
+
+def test_missing_real_dataset_names_the_file(tmp_path):
+    data = tmp_path / "msrvtt"
+    (data / "anno").mkdir(parents=True)
+    proc = launcher("dataset=msrvtt", f"dataset.data_root={data}", "--dry-run", runs=tmp_path / "runs")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert str(data / "anno" / "msrvtt_ret_train7k.json") in proc.stderr
+    assert "data_root" in proc.stderr
+
+
+def test_local_cannot_span_nodes(tmp_path):
+    proc = launcher("backend.nodes=2", runs=tmp_path)
+    assert proc.returncode == 2 and "backend=slurm" in proc.stderr
+
+
+def test_submitting_side_never_imports_the_training_stacks(tmp_path):
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['launcher', '-m', 'dataset=didemo,msrvtt', 'backend=slurm', '--dry-run']\n"
+        "try:\n    runpy.run_module('launcher', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'jax', 'flax', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY:', heavy)\n"
+    )
+    env = dict(os.environ, VLAUNCH_RUNS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert "HEAVY: []" in out.stdout, out.stdout + out.stderr
