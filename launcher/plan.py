@@ -6,6 +6,7 @@ Nothing here touches the filesystem or a scheduler except to *check* that inputs
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -116,6 +117,10 @@ def check_trainer(job: dict[str, Any]) -> str:
     if family not in FAMILIES:
         raise LaunchError(f"unknown trainer family '{family}'; known: {', '.join(sorted(FAMILIES))}")
     spec = FAMILIES[family]
+    try:
+        importlib.import_module(spec.config_module).resolve(job["trainer"], job["dataset"])
+    except ValueError as e:
+        raise LaunchError(f"trainer={family}: {e}") from None
     task = job["dataset"]["task"]
     if task not in spec.tasks:
         raise LaunchError(

@@ -12,6 +12,7 @@ values a user sets once) and then from `SITE_FALLBACKS` below.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+
+from trainers.registry import FAMILIES
 
 
 @dataclass
@@ -96,4 +99,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("vl.new_sweep_id", new_sweep_id, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="local_backend_schema", node=LocalBackend)
+    for family, spec in FAMILIES.items():
+        module = importlib.import_module(spec.config_module)  # torch-free by contract
+        cs.store(name=f"{family}_trainer_schema", node=module.optional_schema(module.TrainConfig))
     cs.store(name="slurm_backend_schema", node=SlurmBackend)

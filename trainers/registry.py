@@ -10,8 +10,14 @@ class Family:
     module: str  # run on the node as `python -m <module> <run_dir>/config.yaml`
     tasks: tuple[str, ...]  # dataset tasks it trains on
     framework: str  # torch | jax
+    config_module: str  # torch-free module with `TrainConfig`, `resolve(trainer, dataset)`
 
 
 FAMILIES: dict[str, Family] = {
-    "singularity": Family(module="trainers.singularity", tasks=("retrieval", "qa"), framework="torch"),
+    "singularity": Family(
+        module="trainers.singularity",
+        tasks=("retrieval", "qa"),
+        framework="torch",
+        config_module="trainers.singularity.config",
+    ),
 }

@@ -1,0 +1,269 @@
+"""Frame sampling and decoding for every PyTorch family (numpy + PyAV, no torch).
+
+Two rules shape this module:
+
+* Sampling follows Singularity's ``get_frame_indices``: the video is cut into ``num_frames`` equal
+  intervals and one frame is taken from each (``rand``: anywhere in it, for training; ``middle``: its
+  centre, for evaluation), or frames are taken at a fixed rate (``fps0.5``). Short videos repeat their
+  last frame.
+* Decoding touches only what the sample needs. The length and rate come from the container's metadata;
+  frames are decoded in order and decoding stops at the last wanted frame; only the wanted frames are
+  converted to RGB and kept. When a wanted frame lies deep in the video (``index_threshold`` frames or
+  more), the reader first lists the video's packets (demuxing, no decoding: a few milliseconds for a
+  thousand frames) to learn every frame's timestamp and where the keyframes are, then seeks to the
+  keyframe before a wanted frame whenever that skips frames it would otherwise decode. The same list
+  gives the frame count when the metadata lacks it. Each decoder runs on one thread: a DataLoader
+  already runs one reader per worker process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Below this frame index, decoding straight from the start is about as cheap as listing the packets.
+DEFAULT_INDEX_THRESHOLD = 96
+
+
+class VideoReadError(RuntimeError):
+    """A video file could not be opened or decoded; the message names the file."""
+
+
+def frame_indices(
+    num_frames: int,
+    vlen: int,
+    sample: str = "rand",
+    rng: np.random.Generator | None = None,
+    input_fps: float | None = None,
+    max_num_frames: int | None = None,
+) -> list[int]:
+    """Which frames of a ``vlen``-frame video to use.
+
+    ``sample`` is ``rand`` (a random frame inside each of ``num_frames`` equal intervals), ``middle``
+    (the centre frame of each interval) or ``fpsX`` (frames every ``1/X`` seconds, each at the centre of
+    its window; needs ``input_fps``; at most ``max_num_frames`` when given). ``rand`` and ``middle``
+    always return ``num_frames`` indices: a video shorter than that uses every frame and repeats the
+    last. ``rng`` is a numpy Generator; without one, numpy's global state is used (a DataLoader
+    ``worker_init_fn`` seeds it per worker).
+    """
+    if vlen < 1:
+        raise ValueError(f"cannot sample frames from a video with {vlen} frames")
+    if sample in ("rand", "middle"):
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        n = min(num_frames, vlen)
+        bounds = np.linspace(0, vlen, num=n + 1).astype(int)
+        starts, ends = bounds[:-1], bounds[1:]  # interval i is [starts[i], ends[i])
+        if sample == "rand":
+            draw = rng.integers if rng is not None else np.random.randint
+            indices = [int(draw(s, e)) for s, e in zip(starts, ends, strict=True)]
+        else:
+            indices = [int((s + e - 1) // 2) for s, e in zip(starts, ends, strict=True)]
+        return indices + [indices[-1]] * (num_frames - n)
+    if sample.startswith("fps"):
+        try:
+            output_fps = float(sample[3:])
+        except ValueError:
+            output_fps = -1.0
+        if not output_fps > 0:
+            raise ValueError(
+                f"bad sample type {sample!r}: expected fps<rate> with a positive rate, e.g. fps0.5"
+            )
+        if not input_fps or input_fps <= 0:
+            raise ValueError(f"sample type {sample!r} needs the video's frame rate (input_fps)")
+        delta = 1.0 / output_fps  # seconds between sampled frames
+        duration = vlen / input_fps
+        seconds = np.arange(delta / 2, duration + delta / 2, delta)
+        indices = [int(i) for i in np.around(seconds * input_fps) if i < vlen]
+        if not indices:  # a video shorter than half a window: its middle frame stands for it
+            indices = [(vlen - 1) // 2]
+        if max_num_frames is not None and max_num_frames > 0:
+            indices = indices[:max_num_frames]
+        return indices
+    raise ValueError(f"unknown sample type {sample!r}: expected rand, middle or fps<rate> (e.g. fps0.5)")
+
+
+def read_frames(
+    path: str | os.PathLike,
+    num_frames: int,
+    sample: str = "rand",
+    rng: np.random.Generator | None = None,
+    max_frames_decoded: int | None = None,
+    *,
+    index_threshold: int = DEFAULT_INDEX_THRESHOLD,
+) -> tuple[np.ndarray, list[int], int]:
+    """Sample and decode ``num_frames`` frames of a video.
+
+    Returns ``(frames, indices, vlen)``: ``frames`` is uint8 ``(T, H, W, 3)`` RGB in the order of
+    ``indices`` (repeats included), ``vlen`` the number of frames in the video. ``max_frames_decoded``
+    caps how many frames ``fpsX`` sampling may return (upstream's ``max_num_frames``); it does not
+    apply to ``rand``/``middle``, which always return ``num_frames``. If the container's frame count
+    overstates the real one, wanted frames past the end repeat the last decoded frame.
+    """
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        vlen = int(stream.frames or 0)
+        packets = None
+        if vlen <= 0:  # no frame count in the metadata (e.g. Matroska): count packets
+            packets = _PacketIndex.scan(path)
+            vlen = len(packets.pts)
+        if vlen <= 0:
+            raise VideoReadError(f"no frames in video {os.fspath(path)}")
+        fps = _frame_rate(stream, vlen)
+        indices = frame_indices(
+            num_frames, vlen, sample, rng=rng, input_fps=fps, max_num_frames=max_frames_decoded
+        )
+        if max(indices) >= index_threshold and packets is None:
+            packets = _PacketIndex.scan(path)
+        frames = _decode_at(path, container, stream, indices, packets, pad_short=True)
+    return frames, indices, vlen
+
+
+def read_clip_frames(
+    path: str | os.PathLike,
+    indices: Sequence[int],
+    *,
+    index_threshold: int = DEFAULT_INDEX_THRESHOLD,
+) -> np.ndarray:
+    """Decode the frames at explicit ``indices`` (any order, repeats allowed) as uint8 ``(T, H, W, 3)``.
+
+    For families that choose their own frames (clips, strides). An index at or past the end of the
+    video is an error.
+    """
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("read_clip_frames needs at least one frame index")
+    if min(indices) < 0:
+        raise ValueError(f"negative frame index {min(indices)} for {os.fspath(path)}")
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        packets = _PacketIndex.scan(path) if max(indices) >= index_threshold else None
+        return _decode_at(path, container, stream, indices, packets, pad_short=False)
+
+
+def video_info(path: str | os.PathLike) -> tuple[int, float | None]:
+    """``(vlen, fps)`` of a video from its metadata (a packet count when the frame count is missing)."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        vlen = int(stream.frames or 0) or len(_PacketIndex.scan(path).pts)
+        return vlen, _frame_rate(stream, vlen)
+
+
+# --- internals -------------------------------------------------------------------------------------
+
+
+def _open(path: str | os.PathLike) -> av.container.InputContainer:
+    name = os.fspath(path)
+    try:
+        container = av.open(name, mode="r")
+    except (av.FFmpegError, OSError) as e:
+        raise VideoReadError(f"cannot open video {name}: {getattr(e, 'strerror', None) or e}") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(f"no video stream in {name}")
+    container.streams.video[0].codec_context.thread_count = 1
+    return container
+
+
+def _frame_rate(stream, vlen: int) -> float | None:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if rate:
+        return float(rate)
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+        return vlen / seconds if seconds > 0 else None
+    return None
+
+
+@dataclass
+class _PacketIndex:
+    """Every frame's timestamp in presentation order, and which frames are keyframes."""
+
+    pts: list[int]  # pts[i] is the timestamp of frame i
+    keyframes: list[int]  # frame indices, ascending
+
+    @classmethod
+    def scan(cls, path) -> _PacketIndex:
+        """Demux (no decoding) the whole video stream: one packet per frame."""
+        with _open(path) as container:
+            stream = container.streams.video[0]
+            try:
+                packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+            except av.FFmpegError as e:
+                raise VideoReadError(f"cannot read video {os.fspath(path)}: {e}") from e
+        if any(pts is None for pts, _ in packets):
+            packets = [(i, i == 0) for i in range(len(packets))]  # no timestamps: counting still works
+        packets.sort()
+        return cls([pts for pts, _ in packets], [i for i, (_, key) in enumerate(packets) if key] or [0])
+
+    def index_of(self, pts: int) -> int:
+        """Frame index of a decoded frame's timestamp (the nearest frame at or before it)."""
+        return max(0, bisect.bisect_right(self.pts, pts) - 1)
+
+    def keyframe_before(self, index: int) -> int:
+        return self.keyframes[max(0, bisect.bisect_right(self.keyframes, index) - 1)]
+
+
+def _decode_frames(container, stream) -> Iterator[av.VideoFrame]:
+    """Frames in presentation order from the container's current position (tests wrap this to count)."""
+    return container.decode(stream)
+
+
+def _decode_at(path, container, stream, indices, packets: _PacketIndex | None, pad_short: bool) -> np.ndarray:
+    """The frames at ``indices``, decoding forward and, with a packet index, seeking past long gaps."""
+    wanted = sorted(set(indices))
+    wanted_set = set(wanted)
+    kept: dict[int, np.ndarray] = {}
+    frames = None
+    by_pts = False  # after a seek, a frame's index comes from its timestamp, not from counting
+    pos = -1  # index of the last frame taken from the decoder
+    last_frame = None
+    try:
+        for target in wanted:
+            if target in kept:
+                continue
+            keyframe = packets.keyframe_before(target) if packets and target < len(packets.pts) else 0
+            if keyframe > pos + 1:
+                # Restarting at the keyframe skips decoding frames pos+1 .. keyframe-1.
+                if frames is not None:
+                    frames.close()
+                container.seek(packets.pts[keyframe], stream=stream, backward=True, any_frame=False)
+                frames, by_pts = _decode_frames(container, stream), True
+                pos = keyframe - 1  # where counting resumes should a frame lack its timestamp
+            elif frames is None:
+                frames = _decode_frames(container, stream)
+            for frame in frames:
+                pos = packets.index_of(frame.pts) if by_pts and frame.pts is not None else pos + 1
+                last_frame = frame
+                if pos in wanted_set and pos not in kept:
+                    kept[pos] = frame.to_ndarray(format="rgb24")
+                if pos >= target:
+                    if target not in kept:  # a frame without its own timestamp: take the next one
+                        kept[target] = frame.to_ndarray(format="rgb24")
+                    break
+            else:
+                break  # end of stream
+    except av.FFmpegError as e:
+        raise VideoReadError(f"cannot decode video {os.fspath(path)}: {e}") from e
+    finally:
+        if frames is not None:
+            frames.close()
+
+    missing = [i for i in wanted if i not in kept]
+    if missing:
+        if not pad_short or last_frame is None:
+            raise VideoReadError(
+                f"video {os.fspath(path)} has no frame {missing[0]} (decoding ended after frame {pos})"
+            )
+        logger.debug("%s ends at frame %d; repeating it for frames %s", os.fspath(path), pos, missing)
+        tail = last_frame.to_ndarray(format="rgb24")
+        kept.update(dict.fromkeys(missing, tail))
+    return np.stack([kept[i] for i in indices])

@@ -1,0 +1,3 @@
+from trainers.singularity.train import main
+
+main()
