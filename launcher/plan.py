@@ -42,17 +42,7 @@ class SweepPlan:
 
 
 # Overrides that say how to launch, not what to train: left out of job labels.
-_LAUNCH_KEYS = (
-    "backend",
-    "hydra/launcher",
-    "dry_run",
-    "wait",
-    "wait_poll_s",
-    "runs_root",
-    "site",
-    "sweep_id",
-    "name",
-)
+_LAUNCH_KEYS = {"backend", "hydra/launcher", "dry_run", "wait", "wait_poll_s", "runs_root", "site", "sweep_id", "name"}
 
 
 def job_labels(overrides: list[list[str]]) -> list[str]:
@@ -60,9 +50,7 @@ def job_labels(overrides: list[list[str]]) -> list[str]:
     shared = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
     labels = []
     for job in overrides:
-        keep = [
-            o for o in job if o not in shared and not o.split("=")[0].lstrip("+~").startswith(_LAUNCH_KEYS)
-        ]
+        keep = [o for o in job if o not in shared and o.split("=")[0].lstrip("+~") not in _LAUNCH_KEYS]
         labels.append(" ".join(keep) or "(defaults)")
     return labels
 

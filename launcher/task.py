@@ -8,6 +8,7 @@ allocation (SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST, ...).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,8 +24,11 @@ class TrainerTask:
 
     def __call__(self) -> int:
         rank = os.environ.get("SLURM_PROCID", "0")
+        ntasks = os.environ.get("SLURM_NTASKS", "1")
+        # Slurm's node name (several slurmd can share a host, so the host name may not tell them apart).
+        node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        print(f"[vlaunch] rank {rank} on {os.uname().nodename}: {' '.join(self.command)}", flush=True)
+        print(f"[vlaunch] rank {rank} of {ntasks} on {node}: {shlex.join(self.command)}", flush=True)
         proc = subprocess.Popen(self.command, env=env)
 
         def forward(signum, _frame):

@@ -7,6 +7,8 @@ array, the arrays already accepted are cancelled and sbatch's own message is rep
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 import shutil
@@ -74,7 +76,7 @@ def render(plan: SweepPlan) -> str:
         params = sbatch_parameters(resources, _job_name(plan))
         executor = SlurmExecutor(folder=_folder(plan), python=_python(plan, resources))
         executor.update_parameters(**params)
-        if len(plan.jobs) > 1:
+        if len(nums) > 1:  # as submit(): an array per group of several jobs, a plain job for one
             executor.parameters["map_count"] = len(nums)
         text = _make_sbatch_string(
             command=executor._submitit_command_str, folder=executor.folder, **executor.parameters
@@ -123,25 +125,37 @@ def submit(plan: SweepPlan) -> Submission:
             executor = submitit.SlurmExecutor(folder=_folder(plan), python=_python(plan, resources))
             executor.update_parameters(**params)
             tasks = [TrainerTask(plan.jobs[n].command, str(plan.jobs[n].run_dir)) for n in nums]
-            if len(plan.jobs) == 1:
-                jobs = [executor.submit(tasks[0])]
-            else:
-                with executor.batch():
-                    jobs = [executor.submit(t) for t in tasks]
+            # submitit echoes a refusing sbatch's stderr to ours; the message goes in our one line.
+            with contextlib.redirect_stderr(io.StringIO()):
+                if len(nums) == 1:  # as render(): a plain job, not an array of one
+                    jobs = [executor.submit(tasks[0])]
+                else:
+                    with executor.batch():
+                        jobs = [executor.submit(t) for t in tasks]
             arrays.append(jobs[0].job_id.split("_")[0])
             for n, job in zip(nums, jobs, strict=True):
                 job_ids[n] = job.job_id
     except (FailedJobError, subprocess.CalledProcessError) as e:
-        if arrays:
-            subprocess.run(["scancel", *arrays], check=False, capture_output=True)
-        raise LaunchError(
-            f"sbatch refused the sweep: {_sbatch_message(e)}" + _cancelled_note(arrays)
-        ) from None
+        note = _cancel(arrays)
+        raise LaunchError(f"sbatch refused the sweep: {_sbatch_message(e)}{note}") from None
+    except BaseException:  # Ctrl-C or a bug between two arrays: still all-or-nothing
+        _cancel(arrays)
+        raise
     return Submission(array_ids=arrays, job_ids=[job_ids[j.num] for j in plan.jobs])
 
 
-def _cancelled_note(arrays: list[str]) -> str:
-    return f" (cancelled the arrays already accepted: {', '.join(arrays)})" if arrays else ""
+def _cancel(arrays: list[str]) -> str:
+    """Cancel the arrays already accepted; a note for the error message saying so."""
+    if not arrays:
+        return ""
+    proc = subprocess.run(["scancel", *arrays], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        return (
+            f" (could not cancel the arrays already accepted ({why}); "
+            f"cancel them with: scancel {' '.join(arrays)})"
+        )
+    return f" (cancelled the arrays already accepted: {', '.join(arrays)})"
 
 
 def _sbatch_message(error: Exception) -> str:
@@ -150,9 +164,9 @@ def _sbatch_message(error: Exception) -> str:
     return "; ".join(dict.fromkeys(found)) if found else text.strip().splitlines()[-1]
 
 
-def log_path(plan_dir: Path, job_id: str) -> Path:
-    """Task 0's log of a submitit job (arrays use <array>_<index> as job id)."""
-    return plan_dir / "slurm" / job_id / f"{job_id}_0_log.out"
+def log_path(plan_dir: Path, job_id: str, task: int = 0) -> Path:
+    """A task's log of a submitit job (arrays use <array>_<index> as job id); task = the rank."""
+    return plan_dir / "slurm" / job_id / f"{job_id}_{task}_log.out"
 
 
 # ---------------------------------------------------------------- status
@@ -215,25 +229,28 @@ def collect(plan_dir: Path, labels: list[str], job_ids: list[str], run_dirs: lis
         if state == COMPLETED:
             result.metrics = read_metrics(run_dir)
         elif state in TERMINAL:
-            codes = _exit_codes(run_dir)
-            if codes and any(codes):
-                result.exit_code = next(c for c in codes if c)
-            result.log_tail = tail(log)
+            failed = [(rank, c) for rank, c in _exit_codes(run_dir).items() if c]
+            if failed:
+                # The rank that failed first (the others may only have been stopped because of it):
+                # its exit code, and its log (task r's log is rank r's).
+                rank, result.exit_code = failed[0]
+                rank_log = log_path(plan_dir, job_id, rank)
+                if rank_log.exists():
+                    result.log_path = rank_log
+            result.log_tail = tail(result.log_path)
         results.append(result)
     return results
 
 
-def _exit_codes(run_dir: Path) -> list[int]:
-    status = Path(run_dir) / "status"
-    if not status.is_dir():
-        return []
-    codes = []
-    for f in sorted(status.glob("exit_code.rank*")):
+def _exit_codes(run_dir: Path) -> dict[int, int]:
+    """{rank: the trainer's exit code} from the status files TrainerTask writes, first written first."""
+    found = []
+    for f in (Path(run_dir) / "status").glob("exit_code.rank*"):
         try:
-            codes.append(int(f.read_text().strip()))
-        except ValueError:
+            found.append((f.stat().st_mtime, int(f.name.removeprefix("exit_code.rank")), int(f.read_text())))
+        except (OSError, ValueError):
             pass
-    return codes
+    return {rank: code for _, rank, code in sorted(found)}
 
 
 def wait(plan: SweepPlan, submission: Submission, poll_s: float = 5.0) -> list[JobResult]:

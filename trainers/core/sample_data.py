@@ -45,7 +45,7 @@ from trainers.core.text import pre_text
 logger = logging.getLogger(__name__)
 
 # Bump when the files' content or layout changes: caches keyed on the old version are left alone.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SEED = 20240601
 CACHE_ENV = "VLAUNCH_DATA_CACHE"
 MEDIA_DIR = "videos"
@@ -73,7 +73,7 @@ _ANNO_FILES: dict[str, tuple[str, ...]] = {
 # so every test caption names exactly one video: chance R@1 is 1 / number of test videos.
 _SPLIT_VIDEOS: dict[str, dict[str, int]] = {
     "msrvtt": {"train7k": 400, "test1k": 100},
-    "didemo": {"train": 400, "val": 50, "test": 100},
+    "didemo": {"train": 800, "val": 50, "test": 100},  # one paragraph per video: as many pairs as msrvtt
     "msrvtt_qa": {"train": 400, "val": 50, "test": 100},
 }
 _MSRVTT_TRAIN_CAPTIONS = 2  # captions per training video, one annotation entry each (as upstream)

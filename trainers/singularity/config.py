@@ -241,7 +241,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {
             "vision": {
-                "image_res": 32,
+                "image_res": 64,
                 "patch_size": 8,
                 "hidden_size": 64,
                 "num_layers": 2,
@@ -260,9 +260,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "embed_dim": 32,
             "num_decoder_layers": 2,
             "k_test": 16,
+            # Upstream samples ITM negatives from the ITC similarities (hard negatives); that assumes
+            # pretrained encoders. From scratch the ITM head then never learns, so the demo draws
+            # negatives uniformly.
+            "itm_hard_neg": False,
         },
-        "optim": {"lr": 1e-3, "weight_decay": 0.02, "warmup_epochs": 0.5, "min_lr_multi": 0.05},
-        "epochs": 6,
+        "optim": {"lr": 2e-3, "weight_decay": 0.02, "warmup_epochs": 0.5, "min_lr_multi": 0.05},
+        "epochs": 10,
         "batch_size": 32,
         "batch_size_test": 64,
         "num_workers": 1,
