@@ -42,7 +42,17 @@ class SweepPlan:
 
 
 # Overrides that say how to launch, not what to train: left out of job labels.
-_LAUNCH_KEYS = {"backend", "hydra/launcher", "dry_run", "wait", "wait_poll_s", "runs_root", "site", "sweep_id", "name"}
+_LAUNCH_KEYS = {
+    "backend",
+    "hydra/launcher",
+    "dry_run",
+    "wait",
+    "wait_poll_s",
+    "runs_root",
+    "site",
+    "sweep_id",
+    "name",
+}
 
 
 def job_labels(overrides: list[list[str]]) -> list[str]:

@@ -11,12 +11,13 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from launcher import backends
-from launcher.plan import SweepPlan
+from launcher.plan import JobPlan, SweepPlan
 from launcher.results import JobResult, failure_report, format_table
 
 # Exit status of the last sweep, for `python -m launcher` to return (Hydra discards it).
@@ -43,12 +44,19 @@ def command_line() -> str:
     return shlex.join(["python", "-m", "launcher", *args])
 
 
+def write_job_config(job: JobPlan) -> Path:
+    """The job's resolved config as <run_dir>/config.yaml: what the trainer reads."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    path = job.run_dir / "config.yaml"
+    with open(path, "w") as f:
+        yaml.dump(job.config, f, Dumper=_Dumper, sort_keys=False)
+    return path
+
+
 def write_run_dirs(plan: SweepPlan) -> None:
     """The sweep manifest and each job's resolved config, before anything is submitted."""
     for job in plan.jobs:
-        job.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(job.run_dir / "config.yaml", "w") as f:
-            yaml.dump(job.config, f, Dumper=_Dumper, sort_keys=False)
+        write_job_config(job)
     write_manifest(plan, {})
 
 
