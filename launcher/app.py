@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import sweep
-from launcher.compose import SweepComposer, to_plain
+from launcher.compose import SweepComposer
 from launcher.errors import LaunchError
 from launcher.plan import plan_sweep
 from launcher.schema import register_configs
@@ -25,7 +25,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def launch_overrides(config_loader, master: DictConfig, job_overrides: Sequence[Sequence[str]]) -> int:
     """Multirun: compose every job (fast path), plan them together, apply once."""
     composer = SweepComposer(config_loader, master)
-    composed = [(list(o), to_plain(composer.compose(o))) for o in job_overrides]
+    composed = [(list(o), composer.compose_plain(o)) for o in job_overrides]
     # The id as Hydra resolved it for the sweep dir; jobs composed later must not draw a new one.
     plan = plan_sweep(composed, command_line=command_line(), sweep_id=str(master.sweep_id))
     return run_plan(

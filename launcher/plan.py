@@ -80,7 +80,7 @@ def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> 
     resolved = dict(backend_cfg)
     fallbacks = SITE_FALLBACKS.get(name, {})
     for key in valid:
-        if resolved.get(key) is None:
+        if resolved.get(key) in (None, [], {}):
             resolved[key] = site.get(key, fallbacks.get(key))
     if name == "local" and resolved["nodes"] != 1:
         raise LaunchError(
@@ -109,8 +109,15 @@ def check_dataset(dataset: dict[str, Any]) -> None:
             )
 
 
-def check_trainer(job: dict[str, Any]) -> str:
-    """The trainer's module, after checking that it can run this dataset's task."""
+def check_trainer(job: dict[str, Any], _checked: dict | None = None) -> str:
+    """The trainer's module, after checking that it can run this dataset's task.
+
+    `_checked` caches the verdict per (trainer, dataset) object pair: jobs of a sweep that do not
+    override them share the same dicts, so a 1000-seed sweep checks its trainer config once.
+    """
+    key = (id(job["trainer"]), id(job["dataset"]))
+    if _checked is not None and key in _checked:
+        return _checked[key][0]
     family = job["trainer"]["family"]
     if family not in FAMILIES:
         raise LaunchError(f"unknown trainer family '{family}'; known: {', '.join(sorted(FAMILIES))}")
@@ -125,6 +132,8 @@ def check_trainer(job: dict[str, Any]) -> str:
             f"trainer={family} does not train {task} datasets ({job['dataset']['name']}); it trains: "
             + ", ".join(spec.tasks)
         )
+    if _checked is not None:
+        _checked[key] = (spec.module, job["trainer"], job["dataset"])  # keep them alive: ids stay theirs
     return spec.module
 
 
@@ -144,10 +153,11 @@ def plan_sweep(
     sweep_dir = Path(first["runs_root"]).expanduser().resolve() / sweep_id
     jobs: list[JobPlan] = []
     groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
+    checked: dict = {}
     for num, (overrides, cfg) in enumerate(composed):
         if cfg["backend"]["name"] != backend:
             raise LaunchError("one sweep runs on one backend; do not sweep over backend=")
-        module = check_trainer(cfg)
+        module = check_trainer(cfg, checked)
         check_dataset(cfg["dataset"])
         resources = effective_backend(cfg["backend"], cfg.get("site", {}))
         run_dir = sweep_dir / "jobs" / str(num)

@@ -15,7 +15,7 @@ import dataclasses
 import importlib
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -53,12 +53,16 @@ class SlurmBackend:
     constraint: str | None = None
     exclude: str | None = None  # nodes to avoid, Slurm hostlist syntax
     signal_delay_s: int | None = None  # USR2 this many seconds before the time limit
-    setup: list[str] | None = None  # shell lines run in the batch script before srun
-    srun_args: list[str] | None = None  # extra arguments to srun
+    # Lists default to empty (OmegaConf cannot merge a value into a None list); empty counts as
+    # unset when the site profile is applied.
+    setup: list[str] = field(default_factory=list)  # shell lines run in the batch script before srun
+    srun_args: list[str] = field(default_factory=list)  # extra arguments to srun
     array_parallelism: int | None = None  # array tasks running at once (the %N of --array)
     job_name: str | None = None  # default: vl-<trainer>-<dataset>
     comment: str | None = None
-    additional_parameters: dict[str, Any] | None = None  # any other sbatch flag, e.g. {mail-type: END}
+    # Other sbatch flags, e.g. {mail-type: END}. Typed Any: a typed dict would be a struct node that
+    # refuses new keys given as backend.additional_parameters={hold:true}.
+    additional_parameters: Any = None
     python: str | None = None  # interpreter command on the nodes; default: the launcher's own
 
 

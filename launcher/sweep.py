@@ -14,20 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from launcher import backends
+from launcher import backends, yamlout
 from launcher.plan import JobPlan, SweepPlan
 from launcher.results import JobResult, failure_report, format_table
 
 # Exit status of the last sweep, for `python -m launcher` to return (Hydra discards it).
 EXIT_STATUS = 0
-
-try:  # libyaml's emitter is ~10x faster, which matters for 1000-job sweeps
-    _Dumper = yaml.CSafeDumper
-except AttributeError:  # pragma: no cover
-    _Dumper = yaml.SafeDumper
-
 
 # The command line as the user typed it (set by __main__ before Hydra rewrites sys.argv).
 USER_ARGS: list[str] | None = None
@@ -48,8 +40,7 @@ def write_job_config(job: JobPlan) -> Path:
     """The job's resolved config as <run_dir>/config.yaml: what the trainer reads."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     path = job.run_dir / "config.yaml"
-    with open(path, "w") as f:
-        yaml.dump(job.config, f, Dumper=_Dumper, sort_keys=False)
+    path.write_text(yamlout.dumps(job.config))
     return path
 
 

@@ -1,9 +1,11 @@
-"""Hydra launcher plugin: `hydra/launcher=local|slurm` (thin glue; the work is in `launcher`)."""
+"""Hydra plugins: the launcher (`hydra/launcher=local|slurm`) and sweeper (thin glue; the work is in
+`launcher`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
@@ -31,3 +33,11 @@ class VLaunchLauncher(Launcher):
             JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=None)
             for o in job_overrides
         ]
+
+
+class VLaunchSweeper(BasicSweeper):
+    """Hydra's basic sweeper without the pass that composes every job once more just to check it:
+    the launcher composes and checks each job (and fails the whole sweep before submitting)."""
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        return None

@@ -373,14 +373,14 @@ def test_temporal_checkpoint_without_temporal_flags_gets_a_hint():
 
 
 def test_relative_position_bias_is_interpolated_for_another_image_size(pretrain_state):
-    model = Singularity(tiny(vision=dataclasses.replace(tiny().vision, image_res=48)))  # 4x4 -> 6x6 patches
+    model = Singularity(tiny(vision=dataclasses.replace(tiny().vision, image_res=96)))  # 8x8 -> 12x12 patches
     report = load_weights(model, pretrain_state)
 
     key = "vision_encoder.encoder.layer.1.attention.attention.relative_position_bias.relative_position_bias_table"
     assert report.ok, str(report)
-    assert any("relative position tables from 52 to 124 rows" in a for a in report.adapted)
+    assert any("relative position tables from 228 to 532 rows" in a for a in report.adapted)
     loaded = model.state_dict()[key]
-    assert loaded.shape == (124, 2)
+    assert loaded.shape == (532, 2)
     assert torch.equal(loaded[-3:], pretrain_state[key][-3:])  # [CLS] rows are not spatial
     ids, mask = make_text(2)
     assert torch.isfinite(model(make_frames(2, 1, res=48), ids, mask, torch.arange(2))["itc"])
