@@ -8,6 +8,8 @@ A trainer reports by writing `<run_dir>/metrics.json`:
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,3 +87,41 @@ def failure_report(results: list[JobResult]) -> str:
         parts.append(f"job {r.num} ({r.label}) {r.state}, exit code {r.exit_code}; log {r.log_path}:")
         parts.append("    " + (r.log_tail or "(empty log)").replace("\n", "\n    "))
     return "\n".join(parts)
+
+
+def progress_text(run_dir: Path) -> str:
+    """A running job's progress, from the `progress.json` its trainer keeps up to date."""
+    try:
+        p = json.loads((Path(run_dir) / "progress.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return "starting"
+    if p.get("phase") == "eval":
+        return "evaluating"
+    total = p.get("total_steps") or 0
+    pct = f" {100 * p['step'] / total:.0f}%" if total else ""
+    loss = f" loss {p['loss']:.3f}" if isinstance(p.get("loss"), int | float) else ""
+    return f"step {p.get('step', 0)}/{total}{pct}{loss}"
+
+
+class StatusLine:
+    """One status line, rewritten in place on a terminal; elsewhere (logs, CI) printed when it
+    changes, at most every `every_s` seconds."""
+
+    def __init__(self, every_s: float = 15.0) -> None:
+        self.tty = sys.stdout.isatty()
+        self.every_s = every_s
+        self.last_time = 0.0
+        self.last_text = ""
+
+    def show(self, text: str) -> None:
+        now = time.monotonic()
+        if self.tty:
+            print("\r\033[K" + text[:200], end="", flush=True)
+        elif text != self.last_text and now - self.last_time > self.every_s:
+            print(text, flush=True)
+            self.last_time = now
+        self.last_text = text
+
+    def done(self) -> None:
+        if self.tty:
+            print("\r\033[K", end="", flush=True)

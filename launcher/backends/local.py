@@ -7,19 +7,26 @@ The launch blocks, shows progress, and ends with the results table.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.plan import JobPlan, SweepPlan
-from launcher.results import CANCELLED, COMPLETED, FAILED, JobResult, read_metrics, tail
+from launcher.results import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    JobResult,
+    StatusLine,
+    progress_text,
+    read_metrics,
+    tail,
+)
 
 
 def free_port() -> int:
@@ -77,39 +84,6 @@ class _Running:
     logs: list = field(default_factory=list)
 
 
-def _progress(job: JobPlan) -> str:
-    try:
-        p = json.loads((job.run_dir / "progress.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return "starting"
-    if p.get("phase") == "eval":
-        return "evaluating"
-    total = p.get("total_steps") or 0
-    pct = f" {100 * p['step'] / total:.0f}%" if total else ""
-    loss = f" loss {p['loss']:.3f}" if isinstance(p.get("loss"), int | float) else ""
-    return f"step {p.get('step', 0)}/{total}{pct}{loss}"
-
-
-class _Progress:
-    """One status line, rewritten in place on a terminal, printed every 15 s otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stdout.isatty()
-        self.last = 0.0
-
-    def show(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.tty:
-            print("\r\033[K" + text[:200], end="", flush=True)
-        elif force or now - self.last > 15:
-            print(text, flush=True)
-            self.last = now
-
-    def done(self) -> None:
-        if self.tty:
-            print("\r\033[K", end="", flush=True)
-
-
 def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
     """Run every job, at most `max_parallel` at once; return when all have ended."""
     resources = plan.resource_groups[0][0]
@@ -120,7 +94,7 @@ def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
     pending = list(plan.jobs)
     running: list[_Running] = []
     results: dict[int, JobResult] = {}
-    progress = _Progress()
+    progress = StatusLine()
     print(
         f"sweep {plan.sweep_id}: running {len(plan.jobs)} job(s) locally, {limit} at once; runs in {plan.sweep_dir}"
     )
@@ -183,7 +157,7 @@ def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
             if running:
                 progress.show(
                     f"  [{len(results)}/{len(plan.jobs)} done] "
-                    + " | ".join(f"job {r.job.num}: {_progress(r.job)}" for r in running)
+                    + " | ".join(f"job {r.job.num}: {progress_text(r.job.run_dir)}" for r in running)
                 )
                 time.sleep(poll_s)
     except KeyboardInterrupt:

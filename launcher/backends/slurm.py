@@ -21,7 +21,16 @@ from typing import Any
 
 from launcher.errors import LaunchError
 from launcher.plan import SweepPlan
-from launcher.results import COMPLETED, FAILED, TERMINAL, JobResult, read_metrics, tail
+from launcher.results import (
+    COMPLETED,
+    FAILED,
+    TERMINAL,
+    JobResult,
+    StatusLine,
+    progress_text,
+    read_metrics,
+    tail,
+)
 
 # Our resource words -> submitit's SlurmExecutor parameters (which are sbatch's).
 _DIRECT = (
@@ -254,24 +263,24 @@ def _exit_codes(run_dir: Path) -> dict[int, int]:
 
 
 def wait(plan: SweepPlan, submission: Submission, poll_s: float = 5.0) -> list[JobResult]:
-    """Block until every job has ended, printing the state counts as they change."""
+    """Block until every job has ended, showing state counts and the running jobs' progress."""
     labels = [j.label for j in plan.jobs]
     run_dirs = [j.run_dir for j in plan.jobs]
-    last = ""
-    tty = sys.stdout.isatty()
+    status = StatusLine(every_s=30.0)
     while True:
         results = collect(plan.sweep_dir, labels, submission.job_ids, run_dirs)
+        if all(r.state in TERMINAL for r in results):
+            status.done()
+            return results
         counts: dict[str, int] = {}
         for r in results:
             counts[r.state] = counts.get(r.state, 0) + 1
-        line = "  " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        if line != last:
-            print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", flush=True)
-            last = line
-        if all(r.state in TERMINAL for r in results):
-            if tty:
-                print()
-            return results
+        running = [r for r in results if r.state == "RUNNING"][:3]
+        status.show(
+            "  "
+            + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+            + "".join(f" | job {r.num}: {progress_text(run_dirs[r.num])}" for r in running)
+        )
         time.sleep(poll_s)
 
 

@@ -24,11 +24,17 @@ _NAME = re.compile(r"^ckpt_(\d+)\.pth$")
 
 def _fsync_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write (full disk, an exception while pickling) leaves no partial file behind.
+        # One killed outright leaves its temporary, which no listing ever matches.
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -66,7 +72,8 @@ def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2)
     _fsync_write(directory / LATEST, lambda f: f.write(path.name.encode()))
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
-            old.unlink(missing_ok=True)
+            if old != path:  # never the one `latest` now names, even if a higher step lies around
+                old.unlink(missing_ok=True)
     return path
 
 
@@ -84,9 +91,10 @@ def latest(directory: str | Path) -> Path | None:
     directory = Path(directory)
     pointer = directory / LATEST
     if pointer.exists():
-        candidate = directory / pointer.read_text().strip()
-        if candidate.exists():
-            return candidate
+        name = pointer.read_text().strip()
+        # Only a checkpoint name counts: an empty or foreign pointer must not name the directory itself.
+        if _NAME.match(name) and (directory / name).is_file():
+            return directory / name
     found = list_checkpoints(directory)
     return found[-1] if found else None
 

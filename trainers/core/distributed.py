@@ -33,6 +33,10 @@ _SOURCES: dict[str, dict[str, str]] = {
 }
 
 
+# Where Slurm says how many tasks run per node, most specific first.
+_SLURM_TASK_COUNTS = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0
@@ -52,20 +56,49 @@ class DistEnv:
         return self.world_size > 1
 
 
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Slurm's compressed host list ('gpu-[01-03,07],cpu1') as a list of host names."""
-    hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", hostlist):
-        m = re.match(r"^(.*)\[([^\]]*)\](.*)$", part)
-        if not m:
-            hosts.append(part)
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas that are not inside brackets ('a[1,3],b' -> ['a[1,3]', 'b'])."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
             continue
-        prefix, ranges, suffix = m.groups()
-        for rng in ranges.split(","):
-            lo, _, hi = rng.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
+        depth += (ch == "[") - (ch == "]")
+        current.append(ch)
+    parts.append("".join(current))
+    return [p for p in parts if p]
+
+
+def _expand_one(name: str) -> list[str]:
+    """One host expression, any number of bracket groups ('r[1-2]n[01-02]' -> r1n01 r1n02 r2n01 ...)."""
+    m = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", name)
+    if not m:
+        return [name]
+    prefix, ranges, rest = m.groups()
+    tails = _expand_one(rest)
+    hosts = []
+    for rng in ranges.split(","):
+        lo, _, hi = rng.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            hosts.extend(f"{prefix}{i:0{len(lo)}d}{tail}" for tail in tails)
     return hosts
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list ('gpu-[01-03,07],cpu1') as a list of host names, in order."""
+    return [host for part in _split_top_level(hostlist.strip()) for host in _expand_one(part)]
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's per-node task counts ('2(x3),1', as in SLURM_TASKS_PER_NODE) as one count per node."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise ValueError(f"cannot read task counts {spec!r}; expected e.g. '2', '2(x3)' or '2(x3),1'")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
 
 
 def node_address(hostname: str) -> str:
@@ -110,12 +143,16 @@ def from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
         first = expand_hostlist(nodelist)[0] if nodelist else "127.0.0.1"
         job_id = env.get("SLURM_JOB_ID", "0")
-        per_node = env.get(names["local_world_size"], "1").split("(")[0]
+        # Tasks on this node: srun sets the step's counts; --ntasks-per-node or the allocation's
+        # counts otherwise. All may read '2(x3),1' (one count per node); SLURM_NODEID picks ours.
+        counts_spec = next((env[k] for k in _SLURM_TASK_COUNTS if env.get(k)), "1")
+        counts = tasks_per_node(counts_spec)
+        node_index = min(int(env.get("SLURM_NODEID", 0)), len(counts) - 1)
         return DistEnv(
             rank=int(env[names["rank"]]),
             world_size=int(env[names["world_size"]]),
             local_rank=int(env.get(names["local_rank"], 0)),
-            local_world_size=int(per_node or 1),
+            local_world_size=counts[node_index],
             master_addr=env.get("MASTER_ADDR") or node_address(first),
             master_port=int(env.get("MASTER_PORT") or _slurm_port(job_id)),
             source="slurm",

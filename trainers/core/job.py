@@ -34,7 +34,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
+    # Every rank logs to its own file (local: logs/rank<r>.log, Slurm: one log per task).
+    level = logging.INFO
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",

@@ -8,6 +8,7 @@ The order in which a run finds its starting point (written once, here):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -53,7 +54,7 @@ def data_root(dataset: dict[str, Any]) -> Path:
         raise SystemExit(
             f"dataset {dataset['name']} has no generated sample; set dataset.data_root= to its directory"
         )
-    return ensure_sample_data(dataset["name"])
+    return ensure_sample_data(dataset["name"], scale=float(dataset.get("sample_scale") or 1.0))
 
 
 def tokenizer_for(dataset: dict[str, Any], root: Path):
@@ -222,7 +223,7 @@ def gather_rng_states() -> list[dict[str, Any]]:
 
 
 def save_checkpoint(
-    ckpt_dir: Path, model, optimizer, scheduler, scaler, step: int, epoch: int, cfg, env
+    ckpt_dir: Path, model, optimizer, scheduler, scaler, step: int, epoch: int, cfg, env, loss: float
 ) -> None:
     rng = gather_rng_states()
     if env.is_main:
@@ -233,12 +234,24 @@ def save_checkpoint(
             "scaler": scaler.state_dict(),
             "global_step": step,
             "epoch": epoch,
+            "loss": loss,  # a run resumed after its last step still reports its final loss
             "rng": rng,
             "world_size": env.world_size,
         }
         path = checkpoint.save(ckpt_dir, step, state, keep=cfg.keep_checkpoints)
         log.info("checkpoint %s", path)
     distributed.barrier()  # nobody moves on (or exits) before the checkpoint is complete
+
+
+def write_param_digest(run_dir: Path, model: torch.nn.Module, env) -> None:
+    """A hash of this rank's final parameters: replicas (and resumed runs) can be compared exactly."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    status = run_dir / "status"
+    status.mkdir(parents=True, exist_ok=True)
+    (status / f"params.rank{env.rank}.sha256").write_text(digest.hexdigest() + "\n")
 
 
 def train(config_path: str) -> int:
@@ -284,11 +297,13 @@ def train(config_path: str) -> int:
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     step = 0
+    loss_value = float("nan")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["global_step"])
+        loss_value = float(state.get("loss", loss_value))
         rng = state["rng"]
         checkpoint.set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0])
     else:
@@ -300,7 +315,6 @@ def train(config_path: str) -> int:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     progress = Progress(run_dir, total_steps, enabled=env.is_main)
     started = time.time()
-    loss_value = float("nan")
     model.train()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         sampler.set_position(epoch, step % steps_per_epoch if epoch == step // steps_per_epoch else 0)
@@ -341,17 +355,23 @@ def train(config_path: str) -> int:
                 log.info(
                     "epoch %d step %d/%d loss %.4f (%s) lr %.2e",
                     epoch, step, total_steps, loss_value,
-                    " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()), scheduler.get_last_lr()[0],
+                    " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items()),
+                    scheduler.get_last_lr()[0],
                 )  # fmt: skip
             # Every rank must agree to stop at the same step, or the others hang in the next all-reduce.
             if distributed.all_reduce_max(1.0 if stop.requested else 0.0) > 0:
-                save_checkpoint(ckpt_dir, raw_model, optimizer, scheduler, scaler, step, epoch, cfg, env)
+                save_checkpoint(
+                    ckpt_dir, raw_model, optimizer, scheduler, scaler, step, epoch, cfg, env, loss_value
+                )
                 log.warning("stopped at step %d by a signal; exiting for requeue", step)
                 return REQUEUE_EXIT_CODE
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                save_checkpoint(ckpt_dir, raw_model, optimizer, scheduler, scaler, step, epoch, cfg, env)
-        save_checkpoint(ckpt_dir, raw_model, optimizer, scheduler, scaler, step, epoch, cfg, env)
+                save_checkpoint(
+                    ckpt_dir, raw_model, optimizer, scheduler, scaler, step, epoch, cfg, env, loss_value
+                )
+        save_checkpoint(ckpt_dir, raw_model, optimizer, scheduler, scaler, step, epoch, cfg, env, loss_value)
 
+    write_param_digest(run_dir, raw_model, env)
     progress.update(force=True, step=step, phase="eval", loss=loss_value)
     if env.is_main:
         result = evaluate(raw_model, cfg, dataset, root, tokenizer, device)
