@@ -219,7 +219,7 @@ class TrainConfig:
     preset: str = "base"
     model: SingularityConfig = field(default_factory=SingularityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 5
+    epochs: int = 5  # 0: evaluate `pretrained` (e.g. a released fine-tuned checkpoint) without training
     batch_size: int = 32  # per process
     batch_size_test: int = 64
     num_workers: int = 4  # loader processes per trainer process
@@ -313,8 +313,8 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
     config = _replace_checked(TrainConfig(), values, "trainer")
     if config.amp not in AMP_CHOICES:
         raise ValueError(f"trainer.amp={config.amp!r}; valid: {', '.join(AMP_CHOICES)}")
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ValueError("trainer.epochs and trainer.batch_size must be at least 1")
+    if config.epochs < 0 or config.batch_size < 1:
+        raise ValueError("trainer.epochs must be >= 0 (0: evaluate only) and trainer.batch_size >= 1")
     return config
 
 

@@ -284,6 +284,13 @@ def train(config_path: str) -> int:
     elif cfg.pretrained:  # 2. pretrained weights
         log.info("%s", load_weights(model, cfg.pretrained))
     # 3. otherwise: the initialisation above
+    if cfg.epochs == 0:  # evaluation only, e.g. of a released fine-tuned checkpoint
+        if not cfg.pretrained and resume_from is None:
+            log.warning(
+                "trainer.epochs=0 without trainer.pretrained: evaluating a randomly initialised model"
+            )
+        finish(model, cfg, dataset, root, tokenizer, device, run_dir, env, 0, 0.0, float("nan"))
+        return 0
 
     loader, sampler = build_train_data(cfg, dataset, root, tokenizer, seed, env)
     steps_per_epoch = sampler.batches_per_epoch
@@ -373,9 +380,27 @@ def train(config_path: str) -> int:
 
     write_param_digest(run_dir, raw_model, env)
     progress.update(force=True, step=step, phase="eval", loss=loss_value)
+    finish(
+        raw_model,
+        cfg,
+        dataset,
+        root,
+        tokenizer,
+        device,
+        run_dir,
+        env,
+        step,
+        time.time() - started,
+        loss_value,
+    )
+    return 0
+
+
+def finish(model, cfg, dataset, root, tokenizer, device, run_dir, env, steps, seconds, loss) -> None:
+    """Evaluate on rank 0, write metrics.json, and let every rank leave together."""
     if env.is_main:
-        result = evaluate(raw_model, cfg, dataset, root, tokenizer, device)
-        result.update(train_steps=step, train_seconds=round(time.time() - started, 1), final_loss=loss_value)
+        result = evaluate(model, cfg, dataset, root, tokenizer, device)
+        result.update(train_steps=steps, train_seconds=round(seconds, 1), final_loss=loss)
         write_json_atomic(run_dir / "metrics.json", result)
         log.info(
             "%s on %s: %s (chance %s)",
@@ -384,7 +409,6 @@ def train(config_path: str) -> int:
             ", ".join(f"{k} {v:.1f}" for k, v in result["chance"].items()),
         )  # fmt: skip
     distributed.barrier()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

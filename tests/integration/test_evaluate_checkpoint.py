@@ -1,0 +1,41 @@
+"""A saved checkpoint, evaluated alone (trainer.epochs=0 trainer.pretrained=...), gives the metrics
+of the run that wrote it: the path a user takes with a released fine-tuned checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["dataset=msrvtt", "dataset.sample_scale=0.1", "trainer.batch_size=8", "trainer.num_workers=0"]
+
+
+def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VLAUNCH_RUNS=str(tmp_path), VLAUNCH_DATA_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", *SMALL, *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_evaluating_a_saved_checkpoint_reproduces_its_metrics(tmp_path):
+    launch(tmp_path, "trainer.epochs=2", "sweep_id=train")
+    run = tmp_path / "train" / "jobs" / "0"
+    checkpoint = sorted((run / "checkpoints").glob("ckpt_*.pth"))[-1]
+    launch(tmp_path, "trainer.epochs=0", f"trainer.pretrained={checkpoint}", "sweep_id=eval")
+    evaluated = tmp_path / "eval" / "jobs" / "0"
+    assert (
+        json.loads((evaluated / "metrics.json").read_text())["metrics"]
+        == json.loads((run / "metrics.json").read_text())["metrics"]
+    )
+    log = (evaluated / "logs" / "rank0.log").read_text()
+    assert "Loaded 140/140 model tensors" in log
+    assert not (evaluated / "checkpoints").exists(), "evaluation alone trains nothing and saves nothing"
