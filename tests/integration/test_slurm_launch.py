@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from trainers.core.sample_data import sample_data_root
+
 pytestmark = pytest.mark.slurm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -254,7 +256,7 @@ def test_two_node_job_trains_one_replica_per_node(launch):
 
 def test_failing_job_is_reported_failed_with_exit_code_and_log_tail(launch, data_cache, tmp_path):
     # Real annotation files and vocabulary, but every video is garbage: training cannot load a batch.
-    sample = data_cache / "v1" / f"msrvtt-scale{SCALE:g}"
+    sample = sample_data_root("msrvtt", data_cache, scale=SCALE)
     bad = tmp_path / "corrupt_msrvtt"
     shutil.copytree(sample / "anno", bad / "anno")
     shutil.copy(sample / "vocab.txt", bad / "vocab.txt")
