@@ -35,8 +35,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def job_env(job: JobPlan, rank: int, world_size: int, port: int, cpus: int, gpus: list[int] | None) -> dict:
-    env = dict(os.environ)
+def job_env(
+    rank: int, world_size: int, port: int, cpus: int, gpus: list[int] | None = None, base: dict | None = None
+) -> dict[str, str]:
+    """A local task's environment: torchrun's variables, which the trainers' distributed module reads."""
+    env = dict(os.environ if base is None else base)
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -110,7 +113,7 @@ def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
             if gpus_total:
                 share = max(1, gpus_total // tasks)
                 gpus = list(range(rank * share, (rank + 1) * share))
-            env = job_env(job, rank, tasks, port, cpus, gpus)
+            env = job_env(rank, tasks, port, cpus, gpus)
             procs.append(
                 subprocess.Popen(
                     job.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher.backends.local import free_port, job_env
 from trainers.core.job import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -96,12 +96,6 @@ def log_tails(run_dir: Path, lines: int = 30) -> str:
     return "\n".join(out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fresh_run_dir(reference: Path, tmp_path: Path, **trainer: object) -> Path:
     """The reference job's config.yaml in a new run dir (with `trainer` keys changed)."""
     config = yaml.safe_load((reference / "config.yaml").read_text())
@@ -124,15 +118,7 @@ class Trainer:
         self.logs[0].parent.mkdir(parents=True, exist_ok=True)
         self.procs = []
         for rank in range(WORLD_SIZE):
-            rank_env = dict(
-                env,
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE=str(WORLD_SIZE),
-                LOCAL_WORLD_SIZE=str(WORLD_SIZE),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            )
+            rank_env = job_env(rank, WORLD_SIZE, port, cpus=int(env.get("OMP_NUM_THREADS", 1)), base=env)
             with open(self.logs[rank], "wb") as log:
                 self.procs.append(
                     subprocess.Popen(
