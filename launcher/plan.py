@@ -171,6 +171,7 @@ def plan_sweep(
                 "name": cfg.get("name") or cfg["trainer"]["family"],
             },
             "seed": cfg["seed"],
+            "tracker": cfg.get("tracker") or {},
             "trainer": cfg["trainer"],
             "dataset": cfg["dataset"],
             "backend": resources,

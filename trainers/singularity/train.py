@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from trainers.core import checkpoint, distributed
+from trainers.core import checkpoint, distributed, tracking
 from trainers.core.job import (
     REQUEUE_EXIT_CODE,
     Progress,
@@ -258,6 +258,20 @@ def train(config_path: str) -> int:
     job = load_config(config_path)
     env, device = distributed.setup()
     setup_logging(env.rank)
+    tracker = tracking.start(job, env.is_main)
+    try:
+        code = _train(job, env, device, tracker)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    if code == REQUEUE_EXIT_CODE:
+        tracker.preempted()
+    else:
+        tracker.finish(exit_code=code)
+    return code
+
+
+def _train(job: dict[str, Any], env, device, tracker: tracking.Tracker) -> int:
     run_dir = Path(job["job"]["run_dir"])
     dataset = job["dataset"]
     seed = int(job["seed"])
@@ -289,7 +303,7 @@ def train(config_path: str) -> int:
             log.warning(
                 "trainer.epochs=0 without trainer.pretrained: evaluating a randomly initialised model"
             )
-        finish(model, cfg, dataset, root, tokenizer, device, run_dir, env, 0, 0.0, float("nan"))
+        finish(model, cfg, dataset, root, tokenizer, device, run_dir, env, 0, 0.0, float("nan"), tracker)
         return 0
 
     loader, sampler = build_train_data(cfg, dataset, root, tokenizer, seed, env)
@@ -359,6 +373,11 @@ def train(config_path: str) -> int:
                 return 1
             progress.update(step=step, epoch=epoch, loss=loss_value, lr=scheduler.get_last_lr()[0])
             if step % 10 == 0 or step == total_steps:
+                tracker.log(
+                    {"loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+                    | {f"loss/{k}": float(v.detach()) for k, v in losses.items()},
+                    step,
+                )
                 log.info(
                     "epoch %d step %d/%d loss %.4f (%s) lr %.2e",
                     epoch, step, total_steps, loss_value,
@@ -392,16 +411,18 @@ def train(config_path: str) -> int:
         step,
         time.time() - started,
         loss_value,
+        tracker,
     )
     return 0
 
 
-def finish(model, cfg, dataset, root, tokenizer, device, run_dir, env, steps, seconds, loss) -> None:
+def finish(model, cfg, dataset, root, tokenizer, device, run_dir, env, steps, seconds, loss, tracker) -> None:
     """Evaluate on rank 0, write metrics.json, and let every rank leave together."""
     if env.is_main:
         result = evaluate(model, cfg, dataset, root, tokenizer, device)
         result.update(train_steps=steps, train_seconds=round(seconds, 1), final_loss=loss)
         write_json_atomic(run_dir / "metrics.json", result)
+        tracker.summary({f"eval/{k}": v for k, v in result["metrics"].items()} | result["headline"])
         log.info(
             "%s on %s: %s (chance %s)",
             result["task"], result["split"],
