@@ -438,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m trainers.singularity <run_dir>/config.yaml")
     try:
         code = train(argv[0])
+    except FileNotFoundError as e:
+        # Missing data, annotation or tokenizer files: the message says what to do; no traceback.
+        log.error("%s", e)
+        code = 2
     finally:
         distributed.teardown()
     sys.exit(code)
