@@ -17,7 +17,7 @@ from typing import Any
 
 # One pure helper shared by the families' configs (dataclasses.replace that recurses and names the
 # valid keys on a typo). It lives with the Singularity config for now.
-from trainers.singularity.config import _replace_checked
+from trainers.core.configs import replace_checked
 
 # Upstream's TimeSformer wrapper fixes divided space-time attention; joint attention keeps the same
 # token layout. ("space_only" folds frames into the batch and is not supported.)
@@ -162,7 +162,7 @@ class AlproConfig:
         """
         tiny = MODEL_PRESETS["tiny"]
         text = {**tiny["text"], "vocab_size": vocab_size, **text_fields}
-        return _replace_checked(cls(), {**tiny, "text": text}, "")
+        return replace_checked(cls(), {**tiny, "text": text}, "")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], defaults: AlproConfig | None = None) -> AlproConfig:
@@ -170,7 +170,7 @@ class AlproConfig:
 
         Unknown keys raise ValueError naming the valid ones.
         """
-        return _replace_checked(defaults if defaults is not None else cls(), d, "")
+        return replace_checked(defaults if defaults is not None else cls(), d, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.singularity.weights import LoadReport  # the families share one report type
+from trainers.core.weights import LoadReport
 
 logger = logging.getLogger(__name__)
 

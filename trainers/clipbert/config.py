@@ -19,7 +19,7 @@ from typing import Any
 
 # The recursive, unknown-key-rejecting `dataclasses.replace` every family's config uses.
 # TODO(lead): move to a shared trainers/core module; imported from the first family meanwhile.
-from trainers.singularity.config import _replace_checked
+from trainers.core.configs import replace_checked
 
 SCORE_AGGREGATIONS = ("mean", "max", "lse")
 TASKS = ("retrieval", "qa", "mc", "pretrain")
@@ -185,14 +185,14 @@ class ClipBertConfig:
 
         `head_fields` set HeadConfig fields (e.g. task="qa", num_labels=len(ans2label)).
         """
-        return _replace_checked(cls(), {"head": head_fields}, "")
+        return replace_checked(cls(), {"head": head_fields}, "")
 
     @classmethod
     def tiny(cls, vocab_size: int, **head_fields: Any) -> ClipBertConfig:
         """The `tiny` preset's model (tests, the CPU demo): about 200 thousand parameters."""
         tiny = MODEL_PRESETS["tiny"]
         transformer = {**tiny["transformer"], "vocab_size": vocab_size}
-        return _replace_checked(cls(), {**tiny, "transformer": transformer, "head": head_fields}, "")
+        return replace_checked(cls(), {**tiny, "transformer": transformer, "head": head_fields}, "")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], defaults: ClipBertConfig | None = None) -> ClipBertConfig:
@@ -200,7 +200,7 @@ class ClipBertConfig:
 
         Unknown keys raise ValueError naming the valid ones.
         """
-        return _replace_checked(defaults if defaults is not None else cls(), d, "")
+        return replace_checked(defaults if defaults is not None else cls(), d, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -53,8 +53,7 @@ import torch
 from torch import nn
 
 # One report type for every family's loader.
-# TODO(lead): move LoadReport to a shared trainers/core module; imported from the first family meanwhile.
-from trainers.singularity.weights import LoadReport
+from trainers.core.weights import LoadReport
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainers.core.configs import replace_checked
+
 FRAME_ENSEMBLES = ("concat", "mean", "max", "lse")
 
 
@@ -154,7 +156,7 @@ class SingularityConfig:
         """
         tiny = PRESETS["tiny"]["model"]
         text = {**tiny["text"], "vocab_size": vocab_size, **text_fields}
-        return _replace_checked(cls(), {**tiny, "text": text}, "")
+        return replace_checked(cls(), {**tiny, "text": text}, "")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], defaults: SingularityConfig | None = None) -> SingularityConfig:
@@ -162,32 +164,10 @@ class SingularityConfig:
 
         Unknown keys raise ValueError naming the valid ones.
         """
-        return _replace_checked(defaults if defaults is not None else cls(), d, "")
+        return replace_checked(defaults if defaults is not None else cls(), d, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _replace_checked(obj: Any, overrides: Mapping[str, Any], path: str) -> Any:
-    """dataclasses.replace that recurses into nested dataclasses and rejects unknown keys."""
-    names = {f.name for f in dataclasses.fields(obj)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        where = f" in '{path}'" if path else ""
-        raise ValueError(f"unknown key(s) {unknown}{where}; valid keys: {sorted(names)}")
-    hints = typing.get_type_hints(type(obj))
-    changes = {}
-    for key, value in overrides.items():
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(hints[key]):
-            if isinstance(value, Mapping):
-                value = _replace_checked(current, value, f"{path}.{key}" if path else key)
-            elif not isinstance(value, hints[key]):
-                raise ValueError(
-                    f"'{path + '.' if path else ''}{key}' must be a mapping, got {type(value).__name__}"
-                )
-        changes[key] = value
-    return dataclasses.replace(obj, **changes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,7 +290,7 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
         explicit["optim"]["betas"] = tuple(explicit["optim"]["betas"])
     values = _merge(PRESETS[preset], explicit)
     values["preset"] = preset
-    config = _replace_checked(TrainConfig(), values, "trainer")
+    config = replace_checked(TrainConfig(), values, "trainer")
     if config.amp not in AMP_CHOICES:
         raise ValueError(f"trainer.amp={config.amp!r}; valid: {', '.join(AMP_CHOICES)}")
     if config.epochs < 0 or config.batch_size < 1:

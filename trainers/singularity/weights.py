@@ -15,12 +15,13 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainers.core.weights import LoadReport
 
 logger = logging.getLogger(__name__)
 
@@ -30,51 +31,6 @@ _BENIGN_SUFFIXES = ("relative_position_index", "position_ids", "token_type_ids")
 _RETRIEVAL_ONLY = ("vision_proj.", "text_proj.", "itm_head.", "vision_encoder.pooler.")
 _REL_POS_TABLE = "relative_position_bias.relative_position_bias_table"
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*encoder\.layer\.)(?P<num>\d+)(?P<rest>\..*)$")
-
-
-@dataclass
-class LoadReport:
-    """What `load_weights` did. `ok` when every model tensor was loaded and every checkpoint tensor used."""
-
-    source: str
-    loaded: int = 0
-    total: int = 0
-    missing: list[str] = field(default_factory=list)  # model tensors left at their initial values
-    unexpected: list[str] = field(default_factory=list)  # checkpoint tensors nothing used
-    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint shape vs model shape", skipped
-    adapted: list[str] = field(default_factory=list)  # renames, interpolations, deliberate drops
-    ignored: list[str] = field(default_factory=list)  # benign buffers (see _BENIGN_SUFFIXES)
-    hints: list[str] = field(default_factory=list)  # likely config mistakes
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        parts = [f"Loaded {self.loaded}/{self.total} model tensors from {self.source}"]
-        if self.adapted:
-            parts.append("adapted: " + "; ".join(self.adapted))
-        for name in ("missing", "unexpected", "mismatched"):
-            keys = getattr(self, name)
-            if keys:
-                parts.append(f"{name} ({len(keys)}): {_summarize(keys)}")
-        if self.ignored:
-            parts.append(f"ignored {len(self.ignored)} benign buffers")
-        if self.hints:
-            parts.append("hint: " + " ".join(self.hints))
-        return "; ".join(parts).rstrip(".") + "."
-
-
-def _summarize(keys: list[str], limit: int = 8) -> str:
-    """Group keys by their first two components so a missing module reads as one line."""
-    groups: dict[str, int] = {}
-    for key in keys:
-        parts = key.split(".")
-        group = ".".join(parts[:2]) + ".*" if len(parts) > 2 else key
-        groups[group] = groups.get(group, 0) + 1
-    items = [f"{g} ({n})" if n > 1 else g for g, n in groups.items()]
-    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]) -> LoadReport:
