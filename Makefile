@@ -48,6 +48,8 @@ format: install
 bench: install slurm-up
 	$(PYTHON) benchmarks/help_time.py
 	$(PYTHON) benchmarks/submit_cost.py
+	$(PYTHON) benchmarks/registry_cost.py
+	$(PYTHON) benchmarks/decode_sampling.py
 
 clean:
 	rm -rf $(VENV) .state runs .pytest_cache

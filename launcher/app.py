@@ -29,7 +29,11 @@ def launch_overrides(config_loader, master: DictConfig, job_overrides: Sequence[
     # The id as Hydra resolved it for the sweep dir; jobs composed later must not draw a new one.
     plan = plan_sweep(composed, command_line=command_line(), sweep_id=str(master.sweep_id))
     return run_plan(
-        plan, dry_run=bool(master.dry_run), wait=bool(master.wait), poll_s=float(master.wait_poll_s)
+        plan,
+        dry_run=bool(master.dry_run),
+        wait=bool(master.wait),
+        poll_s=float(master.wait_poll_s),
+        registry_file=master.registry,
     )
 
 
@@ -40,7 +44,13 @@ def main(cfg: DictConfig) -> int:
     job = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     try:
         plan = plan_sweep([(overrides, job)], command_line=command_line())
-        return run_plan(plan, dry_run=bool(cfg.dry_run), wait=bool(cfg.wait), poll_s=float(cfg.wait_poll_s))
+        return run_plan(
+            plan,
+            dry_run=bool(cfg.dry_run),
+            wait=bool(cfg.wait),
+            poll_s=float(cfg.wait_poll_s),
+            registry_file=cfg.registry,
+        )
     except LaunchError as e:
         # Raised out of a Hydra task function, it would be wrapped in a multi-line report.
         sweep.EXIT_STATUS = sweep.fail(e)

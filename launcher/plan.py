@@ -39,6 +39,8 @@ class SweepPlan:
     command_line: str
     # Jobs that share backend resources go into one Slurm array: {resources key: job indices}.
     resource_groups: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
+    # The code snapshot every job runs from (launcher.snapshot), set at submission; None: in place.
+    code_dir: Path | None = None
 
 
 # Overrides that say how to launch, not what to train: left out of job labels.
@@ -89,6 +91,8 @@ def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> 
     for key in ("nodes", "tasks_per_node", "cpus_per_task"):
         if resolved.get(key) is not None and int(resolved[key]) < 1:
             raise LaunchError(f"backend.{key} must be at least 1, got {resolved[key]}")
+    if resolved.get("max_requeues") is not None and int(resolved["max_requeues"]) < 0:
+        raise LaunchError(f"backend.max_requeues must be 0 or more, got {resolved['max_requeues']}")
     return resolved
 
 

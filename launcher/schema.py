@@ -53,6 +53,9 @@ class SlurmBackend:
     constraint: str | None = None
     exclude: str | None = None  # nodes to avoid, Slurm hostlist syntax
     signal_delay_s: int | None = None  # USR2 this many seconds before the time limit
+    # Requeues of a job after its trainer checkpointed at a stop signal (exit 75); one more stop
+    # ends the job FAILED. Counts every requeue of the job (SLURM_RESTART_COUNT), Slurm's own too.
+    max_requeues: int | None = None
     # Lists default to empty (OmegaConf cannot merge a value into a None list); empty counts as
     # unset when the site profile is applied.
     setup: list[str] = field(default_factory=list)  # shell lines run in the batch script before srun
@@ -76,6 +79,7 @@ SITE_FALLBACKS: dict[str, dict[str, Any]] = {
         "gpus_per_node": 0,
         "time_min": 60,
         "signal_delay_s": 120,
+        "max_requeues": 3,
         "array_parallelism": 256,
         "setup": [],
         "srun_args": [],

@@ -1,7 +1,11 @@
-"""Apply a sweep plan: write the run dirs, hand the jobs to the backend, report.
+"""Apply a sweep plan: write the run dirs, record it, hand the jobs to the backend, report.
 
 This is the one place both Hydra entry points (a single run and `-m` multirun through the
 launcher plugin) end up, so `backend=` behaves the same with and without `-m`.
+
+Every sweep goes into the experiment registry (`launcher.registry`) before anything is submitted
+(jobs SUBMITTING), then gets its backend handles (PENDING) or FAILED_TO_SUBMIT with the backend's
+message; local runs and `--wait` record how each job ended. A dry run records nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher import backends, yamlout
+from launcher import backends, registry, snapshot, yamlout
+from launcher.errors import LaunchError
 from launcher.plan import JobPlan, SweepPlan
-from launcher.results import JobResult, failure_report, format_table
+from launcher.results import COMPLETED, JobResult, failure_report, format_table
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Exit status of the last sweep, for `python -m launcher` to return (Hydra discards it).
 EXIT_STATUS = 0
@@ -58,6 +65,7 @@ def write_manifest(plan: SweepPlan, handles: dict[str, Any]) -> None:
         "command_line": plan.command_line,
         "cwd": os.getcwd(),
         "backend": plan.backend,
+        "code_dir": str(plan.code_dir) if plan.code_dir else None,
         "handles": handles,
         "jobs": [{"num": j.num, "overrides": j.overrides, "run_dir": str(j.run_dir)} for j in plan.jobs],
     }
@@ -88,8 +96,100 @@ def report(results: list[JobResult]) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def run_plan(plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0) -> int:
-    """Dry-run, or submit (and for local / --wait, run to the end and report)."""
+def user_overrides(plan: SweepPlan) -> list[str]:
+    """The overrides as the user typed them (flags left out)."""
+    if USER_ARGS is None:
+        return list(plan.jobs[0].overrides) if plan.jobs else []
+    return [a for a in USER_ARGS if not a.startswith("-")]
+
+
+def registry_path(plan: SweepPlan, configured: str | None = None) -> Path:
+    """The registry file: the `registry` config key when given, else `$VLAUNCH_REGISTRY`, else XDG's."""
+    return Path(configured).expanduser() if configured else registry.default_path()
+
+
+def record_sweep(plan: SweepPlan, path: Path) -> registry.Registry:
+    """The sweep and its jobs (SUBMITTING) in the registry, in one transaction; fails before submitting."""
+    commit, diff_hash = registry.git_facts(REPO_ROOT)
+    reg = registry.Registry(path)
+    try:
+        reg.record_sweep(
+            plan,
+            command_line=plan.command_line,
+            overrides=user_overrides(plan),
+            cwd=os.getcwd(),
+            git_commit=commit,
+            git_diff_sha256=diff_hash,
+            code_dir=_code_dir(plan),
+        )
+    except registry.RegistryError as e:
+        raise LaunchError(f"{e}; nothing was submitted") from None
+    return reg
+
+
+def _code_dir(plan: SweepPlan) -> str | None:
+    code_dir = getattr(plan, "code_dir", None)  # the code snapshot, where the plan has one
+    return str(code_dir) if code_dir else None
+
+
+def record_results(reg: registry.Registry, sweep_id: str, results: list[JobResult], run_dirs: dict) -> None:
+    """How jobs ended (states, exit codes) with what their run dirs hold (metrics, checkpoints)."""
+    observations = []
+    for r in results:
+        facts = registry.read_run_dir(run_dirs[r.num])
+        observations.append(
+            registry.Observation(
+                num=r.num,
+                state=r.state,
+                exit_code=r.exit_code,
+                metrics=r.metrics or facts.metrics,
+                checkpoint=facts.checkpoint,
+                requeue_events=facts.requeue_events,
+                tracker_run_id=facts.tracker_run_id,
+            )
+        )
+    reg.update(sweep_id, observations)
+
+
+def run_local(plan: SweepPlan, reg: registry.Registry, poll_s: float, num_of=None) -> list[JobResult]:
+    """Run a plan on the local backend, recording each job's start (pids) and end in the registry.
+
+    `num_of` maps the plan's job numbers to the registry's (a resubmission's plan holds some jobs
+    of a sweep)."""
+    num_of = num_of or {j.num: j.num for j in plan.jobs}
+    run_dirs = {j.num: j.run_dir for j in plan.jobs}
+    sweep_id = plan.sweep_id
+
+    def on_change(num: int, state: str, pids: list[int] | None, code: int | None) -> None:
+        if pids is not None:
+            reg.set_handles(sweep_id, {num_of[num]: ",".join(map(str, pids))}, state=state)
+            return
+        facts = registry.read_run_dir(run_dirs[num])
+        current = {j.num: j for j in reg.jobs(sweep_id, [num_of[num]])}[num_of[num]]
+        if current.state == registry.CANCELLED and state != COMPLETED:
+            return  # `vlaunch-ctl cancel` stopped it: the signal's exit code is not a failure
+        reg.update(
+            sweep_id,
+            [
+                registry.Observation(
+                    num=num_of[num],
+                    state=state,
+                    exit_code=code,
+                    metrics=facts.metrics,
+                    checkpoint=facts.checkpoint,
+                    tracker_run_id=facts.tracker_run_id,
+                )
+            ],
+        )
+
+    backend = backends.get("local")
+    return backend.submit(plan, poll_s=min(poll_s, 1.0), on_change=on_change)
+
+
+def run_plan(
+    plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0, registry_file: str | None = None
+) -> int:
+    """Dry-run, or record and submit (and for local / --wait, run to the end, record and report)."""
     global EXIT_STATUS
     backend = backends.get(plan.backend)
     if dry_run:
@@ -101,11 +201,23 @@ def run_plan(plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0)
         _remove_hydra_leftovers(plan)
         EXIT_STATUS = 0
         return EXIT_STATUS
+    snapshot.attach(plan)  # jobs run the code submitted now, also when requeued after an edit
     write_run_dirs(plan)
+    reg = record_sweep(plan, registry_path(plan, registry_file))
+    nums = [j.num for j in plan.jobs]
     if plan.backend == "local":
-        EXIT_STATUS = report(backend.submit(plan, poll_s=min(poll_s, 1.0)))
+        reg.mark(plan.sweep_id, nums, registry.PENDING)
+        EXIT_STATUS = report(run_local(plan, reg, poll_s))
         return EXIT_STATUS
-    submission = backend.submit(plan)
+    try:
+        submission = backend.submit(plan)
+    except LaunchError as e:
+        reg.mark(plan.sweep_id, nums, registry.FAILED_TO_SUBMIT, error=str(e))
+        raise
+    except BaseException as e:  # Ctrl-C during submission: the backend cancelled what it had submitted
+        reg.mark(plan.sweep_id, nums, registry.FAILED_TO_SUBMIT, error=f"interrupted: {type(e).__name__}")
+        raise
+    reg.set_handles(plan.sweep_id, dict(zip(nums, submission.job_ids, strict=True)))
     write_manifest(plan, submission.to_json())
     arrays = ", ".join(submission.array_ids)
     print(f"sweep {plan.sweep_id}: {len(plan.jobs)} job(s) accepted by Slurm as {arrays}")
@@ -116,7 +228,9 @@ def run_plan(plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0)
     if wait:
         print("waiting for the jobs to end (Ctrl-C stops waiting; the jobs keep running)")
         try:
-            EXIT_STATUS = report(backend.wait(plan, submission, poll_s=poll_s))
+            results = backend.wait(plan, submission, poll_s=poll_s)
+            record_results(reg, plan.sweep_id, results, {j.num: j.run_dir for j in plan.jobs})
+            EXIT_STATUS = report(results)
         except KeyboardInterrupt:
             print(f"\nstopped waiting; the jobs keep running (scancel {arrays} stops them)")
             EXIT_STATUS = 130

@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import snapshot
 from launcher.plan import JobPlan, SweepPlan
 from launcher.results import (
     CANCELLED,
@@ -87,8 +89,15 @@ class _Running:
     logs: list = field(default_factory=list)
 
 
-def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
-    """Run every job, at most `max_parallel` at once; return when all have ended."""
+# on_change(job num, state, pids of its processes or None, exit code or None): as jobs start and end.
+OnChange = Callable[[int, str, "list[int] | None", "int | None"], None]
+
+
+def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = None) -> list[JobResult]:
+    """Run every job, at most `max_parallel` at once; return when all have ended.
+
+    `on_change` hears of every start (RUNNING, with the pids) and end (with the exit code): the
+    launcher records them in the registry as they happen."""
     resources = plan.resource_groups[0][0]
     tasks = int(resources["tasks_per_node"])
     cpus = int(resources["cpus_per_task"])
@@ -113,14 +122,22 @@ def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
             if gpus_total:
                 share = max(1, gpus_total // tasks)
                 gpus = list(range(rank * share, (rank + 1) * share))
-            env = job_env(rank, tasks, port, cpus, gpus)
+            # From the code snapshot when there is one: the job runs the code it was submitted with.
+            env = snapshot.run_env(plan.code_dir, job_env(rank, tasks, port, cpus, gpus))
             procs.append(
                 subprocess.Popen(
-                    job.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    job.command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=plan.code_dir or None,
+                    start_new_session=True,
                 )
             )
             logs.append(log)
         print(f"  job {job.num} ({job.label}) started: log {log_path(job, 0)}", flush=True)
+        if on_change is not None:
+            on_change(job.num, "RUNNING", [p.pid for p in procs], None)
         return _Running(job, procs, time.monotonic(), logs)
 
     def finish(run: _Running, state: str, code: int | None) -> None:
@@ -136,6 +153,8 @@ def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
             metrics=read_metrics(run.job.run_dir),
             log_tail="" if state == COMPLETED else tail(_failed_log(run)),
         )
+        if on_change is not None:
+            on_change(run.job.num, state, None, code)
         note = "" if state == COMPLETED else f" (exit code {code})"
         progress.done()
         print(
@@ -171,6 +190,8 @@ def submit(plan: SweepPlan, poll_s: float = 1.0) -> list[JobResult]:
             finish(run, CANCELLED, None)
         for job in pending:
             results[job.num] = JobResult(job.num, job.label, CANCELLED)
+            if on_change is not None:
+                on_change(job.num, CANCELLED, None, None)
         raise
     progress.done()
     return [results[j.num] for j in plan.jobs]

@@ -3,6 +3,11 @@
 `render` and `submit` build the batch script with the same submitit function, so the dry-run
 text is exactly what sbatch receives. Submission is all-or-nothing: if sbatch refuses a later
 array, the arrays already accepted are cancelled and sbatch's own message is reported.
+
+A resource group with more jobs than the cluster's MaxArraySize (array indices must stay below it)
+goes in as several arrays, each with its own `%array_parallelism` throttle. Jobs are submitted
+`--requeue`, so the preemption contract of `launcher.task` can requeue them whatever the cluster's
+JobRequeue default.
 """
 
 from __future__ import annotations
@@ -61,7 +66,53 @@ def sbatch_parameters(resources: dict[str, Any], job_name: str) -> dict[str, Any
         params["mem"] = f"{int(resources['mem_gb'])}GB"
     params["job_name"] = resources.get("job_name") or job_name
     params["stderr_to_stdout"] = True  # one log per task: errors next to the output that led to them
+    # Requeueable whatever the cluster's JobRequeue default: rank 0 requeues after exit 75.
+    params["additional_parameters"] = {"requeue": True, **(resources.get("additional_parameters") or {})}
     return params
+
+
+# Slurm's own default MaxArraySize, used when `scontrol show config` cannot be asked.
+DEFAULT_MAX_ARRAY_SIZE = 1001
+_max_array_size: tuple[int, str | None] | None = None
+
+
+def max_array_size() -> tuple[int, str | None]:
+    """The cluster's MaxArraySize (asked once per process), and why the default is used, if it is."""
+    global _max_array_size
+    if _max_array_size is None:
+        why = None
+        try:
+            proc = subprocess.run(
+                ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=False
+            )
+            m = re.search(r"^MaxArraySize\s*=\s*(\d+)", proc.stdout, re.M)
+            if m:
+                _max_array_size = (int(m.group(1)), None)
+            else:
+                why = (proc.stderr.strip().splitlines() or ["no MaxArraySize in its output"])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            why = str(e)
+        if _max_array_size is None:
+            _max_array_size = (DEFAULT_MAX_ARRAY_SIZE, f"`scontrol show config` failed: {why}")
+    return _max_array_size
+
+
+def split_arrays(nums: list[int], max_size: int) -> list[list[int]]:
+    """A resource group's jobs as arrays whose indices 0..n-1 stay below MaxArraySize."""
+    size = max(1, max_size)
+    return [nums[i : i + size] for i in range(0, len(nums), size)]
+
+
+def _arrays(plan: SweepPlan) -> list[tuple[dict[str, Any], list[int], str]]:
+    """(resources, job numbers, note) per sbatch call, in submission order; render and submit share it."""
+    limit, _ = max_array_size()
+    out = []
+    for resources, nums in plan.resource_groups:
+        parts = split_arrays(nums, limit)
+        for i, part in enumerate(parts):
+            note = f" (array {i + 1} of {len(parts)} of a resource group: MaxArraySize={limit})"
+            out.append((resources, part, note if len(parts) > 1 else ""))
+    return out
 
 
 def _python(plan: SweepPlan, resources: dict[str, Any]) -> str:
@@ -81,7 +132,12 @@ def render(plan: SweepPlan) -> str:
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
     texts = []
-    for resources, nums in plan.resource_groups:
+    arrays = _arrays(plan)
+    limit, why = max_array_size()
+    if why and any(len(nums) > 1 for _, nums, _ in arrays):
+        # On stderr: stdout is the plan, the same on every machine for the same cluster settings.
+        print(f"# MaxArraySize unknown ({why}); splitting arrays at Slurm's default {limit}", file=sys.stderr)
+    for resources, nums, note in arrays:
         params = sbatch_parameters(resources, _job_name(plan))
         executor = SlurmExecutor(folder=_folder(plan), python=_python(plan, resources))
         executor.update_parameters(**params)
@@ -91,7 +147,7 @@ def render(plan: SweepPlan) -> str:
             command=executor._submitit_command_str, folder=executor.folder, **executor.parameters
         )
         jobs = ", ".join(f"{i}={plan.jobs[n].label}" for i, n in enumerate(nums))
-        texts.append(f"# --- sbatch script for {len(nums)} job(s) [array index=job: {jobs}]\n{text}")
+        texts.append(f"# --- sbatch script for {len(nums)} job(s){note} [array index=job: {jobs}]\n{text}")
     return "\n".join(texts)
 
 
@@ -126,14 +182,20 @@ def submit(plan: SweepPlan) -> Submission:
         raise LaunchError(
             "sbatch not found on PATH: run on a Slurm login node (or start infra/local_slurm.sh up)"
         )
-    all_params = [_validate(resources, plan) for resources, _ in plan.resource_groups]
+    batches = _arrays(plan)
+    all_params = [_validate(resources, plan) for resources, _, _ in batches]
+    code_dir = str(plan.code_dir) if plan.code_dir else None
     job_ids: dict[int, str] = {}
     arrays: list[str] = []
     try:
-        for (resources, nums), params in zip(plan.resource_groups, all_params, strict=True):
+        for (resources, nums, _), params in zip(batches, all_params, strict=True):
             executor = submitit.SlurmExecutor(folder=_folder(plan), python=_python(plan, resources))
             executor.update_parameters(**params)
-            tasks = [TrainerTask(plan.jobs[n].command, str(plan.jobs[n].run_dir)) for n in nums]
+            max_requeues = int(resources.get("max_requeues") or 0)
+            tasks = [
+                TrainerTask(plan.jobs[n].command, str(plan.jobs[n].run_dir), code_dir, max_requeues)
+                for n in nums
+            ]
             # submitit echoes a refusing sbatch's stderr to ours; the message goes in our one line.
             with contextlib.redirect_stderr(io.StringIO()):
                 if len(nums) == 1:  # as render(): a plain job, not an array of one

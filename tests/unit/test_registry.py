@@ -1,0 +1,524 @@
+"""The experiment registry (launcher/registry.py), its recording by the launcher (launcher/sweep.py),
+and `vlaunch-ctl` (launcher/ctl.py) on local jobs and fake run dirs.
+
+Local jobs here are real processes started by the local backend, running small Python commands
+instead of a trainer, so every path (pids, exit codes, metrics files, logs) is the real one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import ctl, registry, sweep
+from launcher.errors import LaunchError
+from launcher.plan import JobPlan, SweepPlan
+from launcher.registry import Observation, Registry
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL = {"name": "local", "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "gpus_per_node": 0}
+SLURM = {"name": "slurm", "partition": "debug", "nodes": 1, "tasks_per_node": 1, "time_min": 5}
+
+
+def make_plan(
+    root: Path, sweep_id: str, n: int, backend: str = "slurm", commands: list[list[str]] | None = None
+) -> SweepPlan:
+    """A plan as plan_sweep makes it: job configs with their resolved backend, one resource group."""
+    sweep_dir = root / sweep_id
+    resources = dict(LOCAL if backend == "local" else SLURM, max_parallel=4)
+    jobs = []
+    for num in range(n):
+        run_dir = sweep_dir / "jobs" / str(num)
+        config = {
+            "job": {"sweep_id": sweep_id, "num": num, "run_dir": str(run_dir), "name": "t"},
+            "seed": num,
+            "trainer": {"family": "singularity", "lr": 1e-4},
+            "backend": resources,
+        }
+        command = (
+            commands[num] if commands else [sys.executable, "-m", "trainers.x", str(run_dir / "config.yaml")]
+        )
+        jobs.append(JobPlan(num, [f"seed={num}"], run_dir, config, command, label=f"seed={num}"))
+    return SweepPlan(
+        sweep_id=sweep_id,
+        sweep_dir=sweep_dir,
+        backend=backend,
+        jobs=jobs,
+        command_line=f"python -m launcher -m seed=range({n})",
+        resource_groups=[(resources, list(range(n)))],
+    )
+
+
+def record(reg: Registry, plan: SweepPlan, created: float | None = None) -> None:
+    reg.record_sweep(
+        plan, command_line=plan.command_line, overrides=["-m", "seed=range(2)"], cwd="/x", created=created
+    )
+
+
+@pytest.fixture
+def reg(tmp_path) -> Registry:
+    with Registry(tmp_path / "reg" / "registry.sqlite") as r:
+        yield r
+
+
+def run_ctl(*args: str, registry_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.ctl", "--registry", str(registry_path), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+# --------------------------------------------------------------------------------- the file
+
+
+def test_schema_wal_and_owner_only_permissions(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLAUNCH_REGISTRY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    path = registry.default_path()
+    assert path == tmp_path / "data" / "vlaunch" / "registry.sqlite"
+    with Registry() as r:
+        record(r, make_plan(tmp_path, "s1", 2))
+        assert r.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert r.conn.execute("PRAGMA user_version").fetchone()[0] == registry.SCHEMA_VERSION
+        tables = {row[0] for row in r.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"sweeps", "jobs", "job_events"} <= tables
+        plan_of_status = r.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT num FROM jobs WHERE sweep_id = ? ORDER BY num", ("s1",)
+        ).fetchall()
+        assert "SEARCH jobs USING" in " ".join(str(tuple(row)) for row in plan_of_status)
+    for f in [path, *path.parent.glob("registry.sqlite-*")]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    # The env var wins over XDG.
+    monkeypatch.setenv("VLAUNCH_REGISTRY", str(tmp_path / "elsewhere.sqlite"))
+    assert registry.default_path() == tmp_path / "elsewhere.sqlite"
+
+
+def test_registry_path_from_config_key_then_env_then_default(tmp_path, monkeypatch):
+    plan = make_plan(tmp_path, "s1", 1)
+    monkeypatch.setenv("VLAUNCH_REGISTRY", str(tmp_path / "env.sqlite"))
+    assert sweep.registry_path(plan) == tmp_path / "env.sqlite"
+    # The `registry` config key (conf/config.yaml, or registry=... on the command line) is passed in.
+    assert sweep.registry_path(plan, str(tmp_path / "key.sqlite")) == tmp_path / "key.sqlite"
+
+
+def test_record_update_and_history_only_on_change(reg, tmp_path):
+    plan = make_plan(tmp_path, "20250101-000000-aaaa", 3)
+    record(reg, plan)
+    (s,) = reg.sweeps()
+    assert (s.id, s.backend, s.runs_dir, s.name) == (plan.sweep_id, "slurm", str(plan.sweep_dir), "t")
+    jobs = reg.jobs(s.id)
+    assert [j.state for j in jobs] == ["SUBMITTING"] * 3
+    assert (
+        jobs[1].overrides == ["seed=1"]
+        and jobs[1].label == "seed=1"
+        and jobs[1].command == plan.jobs[1].command
+    )
+    assert reg.configs(s.id, [2])[2] == json.loads(json.dumps(plan.jobs[2].config))
+
+    reg.set_handles(s.id, {0: "100_0", 1: "100_1", 2: "100_2"})
+    reg.update(s.id, [Observation(0, state="RUNNING"), Observation(1, state="PENDING")])  # 1: no change
+    reg.update(s.id, [Observation(0, state="RUNNING"), Observation(1, state="PENDING")])  # no change at all
+    reg.update(s.id, [Observation(0, state="FAILED", exit_code=3, metrics={"headline": {"R@1": 2.0}})])
+    history = [(e.kind, e.state, e.exit_code, e.handle) for e in reg.events(s.id, 0)]
+    assert history == [
+        ("state", "SUBMITTING", None, None),
+        ("state", "PENDING", None, "100_0"),
+        ("state", "RUNNING", None, "100_0"),
+        ("state", "FAILED", 3, "100_0"),
+    ]
+    assert [e.state for e in reg.events(s.id, 1)] == ["SUBMITTING", "PENDING"]
+    job0 = reg.jobs(s.id, [0])[0]
+    assert (job0.state, job0.exit_code, job0.metrics) == ("FAILED", 3, {"headline": {"R@1": 2.0}})
+    # A later observation without metrics keeps the recorded ones.
+    reg.update(s.id, [Observation(0, state="FAILED")])
+    assert reg.jobs(s.id, [0])[0].metrics == {"headline": {"R@1": 2.0}}
+    assert reg.state_counts([s.id]) == {s.id: {"FAILED": 1, "PENDING": 2}}
+
+    with pytest.raises(registry.RegistryError, match="already in the registry"):
+        record(reg, plan)
+
+
+def test_resolve_by_prefix_latest_and_one_line_errors(reg, tmp_path):
+    for i, sid in enumerate(["20250101-000000-aaaa", "20250102-000000-bbbb", "20250102-000000-bccc"]):
+        record(reg, make_plan(tmp_path, sid, 1), created=1000.0 + i)
+    assert reg.resolve("20250101").id == "20250101-000000-aaaa"
+    assert reg.resolve("latest").id == "20250102-000000-bccc"
+    with pytest.raises(registry.RegistryError, match="ambiguous"):
+        reg.resolve("20250102")
+    with pytest.raises(registry.RegistryError) as e:
+        reg.resolve("nosuch")
+    assert "newest are: 20250102-000000-bccc, 20250102-000000-bbbb, 20250101-000000-aaaa" in str(e.value)
+
+    proc = run_ctl("status", "nosuch", registry_path=reg.path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: no sweep 'nosuch'"), proc.stderr
+    assert "20250102-000000-bccc" in proc.stderr
+
+
+def _writer(path: str, worker: int, sweeps: int, jobs: int, root: str) -> None:
+    with Registry(path) as r:
+        for k in range(sweeps):
+            plan = make_plan(Path(root), f"w{worker}-s{k}", jobs)
+            record(r, plan)
+            r.set_handles(plan.sweep_id, {n: f"{worker}{k}_{n}" for n in range(jobs)})
+            r.update(plan.sweep_id, [Observation(n, state="COMPLETED", exit_code=0) for n in range(jobs)])
+
+
+def test_eight_processes_recording_at_once_lose_nothing(tmp_path):
+    path = tmp_path / "registry.sqlite"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(path), w, 5, 40, str(tmp_path))) for w in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 8
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM sweeps").fetchone()[0] == 40
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 40 * 40
+    # Every job went SUBMITTING -> PENDING -> COMPLETED, with its own handle.
+    assert conn.execute("SELECT count(*) FROM job_events").fetchone()[0] == 40 * 40 * 3
+    assert conn.execute("SELECT DISTINCT state FROM jobs").fetchall() == [("COMPLETED",)]
+    bad = conn.execute(
+        "SELECT count(*) FROM jobs j JOIN sweeps s ON s.id = j.sweep_id WHERE j.handle IS NULL"
+        " OR j.handle NOT LIKE substr(s.id, 2, instr(s.id, '-') - 2) || substr(s.id, instr(s.id, '-s') + 2) || '_%'"
+    ).fetchone()[0]
+    assert bad == 0
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# --------------------------------------------------------------------------------- refresh
+
+
+def write_run_dir(run_dir: Path, *, metrics=None, ckpt=None, exit_codes=None, requeues=0) -> None:
+    (run_dir / "status").mkdir(parents=True, exist_ok=True)
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if ckpt is not None:
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        (run_dir / "checkpoints" / ckpt).write_bytes(b"x")
+        (run_dir / "checkpoints" / "latest").write_text(ckpt)
+    for rank, code in (exit_codes or {}).items():
+        (run_dir / "status" / f"exit_code.rank{rank}").write_text(f"{code}\n")
+    lines = []
+    for attempt in range(requeues):
+        for rank in (0, 1):  # every rank writes its own line: one requeue per attempt all the same
+            base = {"rank": rank, "attempt": attempt, "host": "node1", "time": 100.0 + attempt}
+            lines.append({**base, "event": "exit", "exit_code": 75})
+            lines.append({**base, "event": "requeue", "exit_code": 75})
+    if lines:
+        text = "\n".join(json.dumps(e) for e in lines) + "\n" + '{"time": 1, "ev'  # a line being written
+        (run_dir / "status" / "events.jsonl").write_text(text)
+
+
+def test_refresh_ingests_slurm_states_and_run_dir_files_with_one_rate_limited_query(reg, tmp_path):
+    plan = make_plan(tmp_path, "s1", 4)
+    record(reg, plan)
+    reg.set_handles("s1", {0: "7_0", 1: "7_1", 2: "7_2", 3: "9"})
+    dirs = [j.run_dir for j in plan.jobs]
+    metrics = {"headline": {"R@1": 41.5, "R@5": 70.0}, "chance": {"R@1": 1.0, "R@5": 5.0}}
+    write_run_dir(dirs[0], metrics=metrics, ckpt="ckpt_00000120.pth", exit_codes={0: 0}, requeues=2)
+    write_run_dir(dirs[1], exit_codes={1: 0, 0: 3})
+    write_run_dir(dirs[2], ckpt="ckpt_00000010.pth")  # running, has checkpointed; no events file
+    calls = []
+
+    def query(arrays):
+        calls.append(list(arrays))
+        return {"7_0": ("COMPLETED", 0), "7_1": ("FAILED", 3), "7_2": ("RUNNING", None)}  # 9: not yet known
+
+    assert registry.refresh(reg, reg.sweep("s1"), query_states=query, now=1000.0)
+    assert calls == [["7", "9"]]  # one call for every array of the sweep
+    jobs = reg.jobs("s1")
+    assert [(j.state, j.exit_code) for j in jobs] == [
+        ("COMPLETED", 0),
+        ("FAILED", 3),
+        ("RUNNING", None),
+        ("PENDING", None),
+    ]
+    assert jobs[0].requeues == 2 and jobs[0].metrics == metrics and jobs[0].checkpoint_step == 120
+    assert jobs[2].checkpoint == str(dirs[2] / "checkpoints" / "ckpt_00000010.pth") and jobs[2].requeues == 0
+    requeue_events = [e for e in reg.events("s1", 0) if e.kind == "requeue"]
+    assert [(e.time, e.detail) for e in requeue_events] == [
+        (100.0, "attempt 0 on node1"),
+        (101.0, "attempt 1 on node1"),
+    ]
+
+    # Rate-limited: a second status within max_age asks nobody; --refresh does, for unfinished jobs only.
+    assert not registry.refresh(reg, reg.sweep("s1"), query_states=query, now=1005.0)
+    assert registry.refresh(reg, reg.sweep("s1"), query_states=query, now=1006.0, force=True)
+    assert calls == [["7", "9"], ["7", "9"]]
+    # Reading the same events again adds no duplicate requeues.
+    assert len([e for e in reg.events("s1", 0) if e.kind == "requeue"]) == 2
+    text = ctl.status_text(reg, reg.sweep("s1"), now=1010.0)
+    assert "states from sacct 4 s ago" in text
+    row0 = next(line for line in text.splitlines() if line.startswith("0 "))
+    assert row0.split() == ["0", "seed=0", "7_0", "COMPLETED", "2", "41.5", "step", "120"]
+    assert "FAILED (exit 3)" in text
+
+
+# --------------------------------------------------------------------------------- launcher
+
+
+class FakeSlurm:
+    """A backend module standing in for launcher.backends.slurm (its submit contract)."""
+
+    def __init__(self, refuse: str | None = None):
+        self.refuse = refuse
+        self.plans = []
+
+    def submit(self, plan):
+        from launcher.backends.slurm import Submission
+
+        self.plans.append(plan)
+        if self.refuse:
+            raise LaunchError(self.refuse)
+        return Submission(array_ids=["55"], job_ids=[f"55_{i}" for i in range(len(plan.jobs))])
+
+
+def test_run_plan_records_before_submitting_then_handles_or_refusal(tmp_path, monkeypatch, capsys):
+    reg_path = tmp_path / "registry.sqlite"
+    monkeypatch.setattr(sweep.snapshot, "attach", lambda plan: None)
+    fake = FakeSlurm()
+    seen_states = []
+
+    def submit(plan):  # the sweep must already be in the registry, SUBMITTING, when the backend is asked
+        with Registry(reg_path) as r:
+            seen_states.extend(j.state for j in r.jobs(plan.sweep_id))
+        return FakeSlurm.submit(fake, plan)
+
+    fake.submit = submit
+    monkeypatch.setattr(sweep.backends, "get", lambda name: fake)
+    plan = make_plan(tmp_path, "ok", 2)
+    assert sweep.run_plan(plan, dry_run=False, wait=False, registry_file=str(reg_path)) == 0
+    assert seen_states == ["SUBMITTING", "SUBMITTING"]
+    with Registry(reg_path) as r:
+        assert [(j.state, j.handle) for j in r.jobs("ok")] == [("PENDING", "55_0"), ("PENDING", "55_1")]
+
+    refusing = FakeSlurm(refuse="sbatch refused the sweep: invalid partition specified: nosuch")
+    monkeypatch.setattr(sweep.backends, "get", lambda name: refusing)
+    with pytest.raises(LaunchError) as e:
+        sweep.run_plan(
+            make_plan(tmp_path, "refused", 2), dry_run=False, wait=False, registry_file=str(reg_path)
+        )
+    assert str(e.value) == "sbatch refused the sweep: invalid partition specified: nosuch"
+    with Registry(reg_path) as r:
+        jobs = r.jobs("refused")
+        assert {(j.state, j.error) for j in jobs} == {("FAILED_TO_SUBMIT", str(e.value))}
+
+    # A dry run records nothing.
+    monkeypatch.setattr(
+        sweep.backends, "get", lambda name: type("B", (), {"render": staticmethod(lambda p: "")})
+    )
+    sweep.run_plan(make_plan(tmp_path, "dry", 2), dry_run=True, wait=False, registry_file=str(reg_path))
+    with Registry(reg_path) as r:
+        assert sorted(s.id for s in r.sweeps()) == ["ok", "refused"]
+
+
+def test_dry_run_through_the_cli_creates_no_registry(tmp_path):
+    env = dict(os.environ, VLAUNCH_RUNS=str(tmp_path / "runs"), VLAUNCH_REGISTRY=str(tmp_path / "r.sqlite"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "trainer=singularity", "dataset=msrvtt", "--dry-run"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+JOB_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    run_dir = Path(sys.argv[1]).parent
+    print(f"cwd {os.getcwd()}", flush=True)
+    for i in range(int(sys.argv[2])):
+        print(f"line {i}", flush=True)
+        time.sleep(float(sys.argv[3]))
+    if int(sys.argv[4]) == 0:
+        (run_dir / "metrics.json").write_text(json.dumps({"headline": {"R@1": 10.0 + len(str(run_dir))%7},
+                                                           "chance": {"R@1": 1.0}}))
+    sys.exit(int(sys.argv[4]))
+    """
+)
+
+
+def local_plan(tmp_path: Path, sweep_id: str, specs: list[tuple[int, float, int]]) -> SweepPlan:
+    """Local jobs running JOB_SCRIPT with (lines, seconds per line, exit code)."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB_SCRIPT)
+    commands = [
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / sweep_id / "jobs" / str(n) / "config.yaml"),
+            str(a),
+            str(b),
+            str(c),
+        ]
+        for n, (a, b, c) in enumerate(specs)
+    ]
+    return make_plan(tmp_path, sweep_id, len(specs), backend="local", commands=commands)
+
+
+def test_local_sweep_records_pids_exit_codes_and_metrics_then_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.snapshot, "attach", lambda plan: None)
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "loc", [(2, 0.05, 0), (1, 0.05, 3)])
+    assert sweep.run_plan(plan, dry_run=False, wait=False, registry_file=str(reg_path)) == 1
+    with Registry(reg_path) as r:
+        jobs = r.jobs("loc")
+        assert [(j.state, j.exit_code) for j in jobs] == [("COMPLETED", 0), ("FAILED", 3)]
+        assert all(j.handle and j.handle.isdigit() for j in jobs)
+        assert jobs[0].metrics["headline"]["R@1"] > 0 and not jobs[1].metrics
+        assert [e.state for e in r.events("loc", 1)] == ["SUBMITTING", "PENDING", "RUNNING", "FAILED"]
+
+        paths = ctl.write_report(r, r.sweep("loc"), tmp_path / "report")
+    png = paths["png"].read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 2000
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [(row["job"], row["state"], row["exit_code"]) for row in rows] == [
+        ("0", "COMPLETED", "0"),
+        ("1", "FAILED", "3"),
+    ]
+    assert float(rows[0]["R@1"]) == jobs[0].metrics["headline"]["R@1"] and rows[0]["chance R@1"] == "1.0"
+    document = json.loads(paths["json"].read_text())
+    assert document["sweep"]["id"] == "loc" and document["jobs"][1]["exit_code"] == 3
+    assert "R@1 (chance)" in paths["table"].read_text()
+
+    # resubmit --failed runs job 1 again (same run dir); its cause fixed, it completes.
+    cmd = reg_command = json.loads(sqlite3.connect(reg_path).execute(
+        "SELECT command FROM jobs WHERE sweep_id='loc' AND num=1").fetchone()[0])  # fmt: skip
+    cmd[-1] = "0"
+    with Registry(reg_path) as r:
+        with r._write() as conn:
+            conn.execute(
+                "UPDATE jobs SET command = ? WHERE sweep_id='loc' AND num=1", (json.dumps(reg_command),)
+            )
+    assert ctl.main(["--registry", str(reg_path), "resubmit", "loc", "--failed"]) == 0
+    out = capsys.readouterr().out
+    assert "resubmitting 1 job(s)" in out
+    with Registry(reg_path) as r:
+        assert [j.state for j in r.jobs("loc")] == ["COMPLETED", "COMPLETED"]
+        states = [(e.kind, e.state) for e in r.events("loc", 1)]
+        assert states[-3:] == [("resubmit", "PENDING"), ("state", "RUNNING"), ("state", "COMPLETED")]
+        assert ("state", "FAILED") in states
+
+
+def test_ctl_logs_follow_and_cancel_of_local_jobs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.snapshot, "attach", lambda plan: None)
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "loc", [(6, 0.3, 0), (1000, 0.1, 0)])
+    launcher = threading.Thread(
+        target=lambda: sweep.run_plan(plan, dry_run=False, wait=False, registry_file=str(reg_path)),
+        daemon=True,
+    )
+    launcher.start()
+    with Registry(reg_path) as r:
+        deadline = time.monotonic() + 30
+        while [j.state for j in r.jobs("loc")] != ["RUNNING"] * 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    # Follow: every line of job 0, and it stops by itself when the job has ended.
+    assert ctl.main(["--registry", str(reg_path), "logs", "loc", "0", "--follow"]) == 0
+    out = capsys.readouterr()
+    assert [f"line {i}" for i in range(6)] == [
+        line for line in out.out.splitlines() if line.startswith("line")
+    ]
+    assert "job 0 COMPLETED" in out.err
+
+    assert ctl.main(["--registry", str(reg_path), "cancel", "loc", "1"]) == 0
+    assert "cancelled 1 job(s)" in capsys.readouterr().out
+    launcher.join(timeout=30)
+    assert not launcher.is_alive()
+    with Registry(reg_path) as r:
+        job1 = r.jobs("loc", [1])[0]
+        assert job1.state == "CANCELLED" and not registry.local_pids_alive(job1.handle, job1.run_dir)
+    assert ctl.main(["--registry", str(reg_path), "logs", "loc", "1"]) == 0
+    assert "line 0" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------- relaunch plans
+
+
+def test_resubmit_plan_rebuilds_configs_resources_and_code_dir(reg, tmp_path):
+    plan = make_plan(tmp_path, "s1", 5)
+    plan.jobs[3].config["backend"] = dict(SLURM, partition="long")
+    reg.record_sweep(plan, command_line="x", overrides=[], cwd="/", code_dir=str(tmp_path / "code"))
+    jobs = reg.jobs("s1", [1, 3, 4])
+    rebuilt, num_of = ctl.build_plan(
+        reg, reg.sweep("s1"), jobs, code_dir=str(tmp_path / "code"), command_line="c"
+    )
+    # Numbered 0..n-1 as the Slurm backend indexes them, mapped back to the sweep's own numbers.
+    assert [j.num for j in rebuilt.jobs] == [0, 1, 2] and num_of == {0: 1, 1: 3, 2: 4}
+    assert [j.run_dir for j in rebuilt.jobs] == [plan.jobs[n].run_dir for n in (1, 3, 4)]
+    assert [j.command for j in rebuilt.jobs] == [plan.jobs[n].command for n in (1, 3, 4)]
+    assert rebuilt.jobs[1].config == plan.jobs[3].config and rebuilt.jobs[0].label == "seed=1"
+    assert [(r["partition"], nums) for r, nums in rebuilt.resource_groups] == [
+        ("debug", [0, 2]),
+        ("long", [1]),
+    ]
+    assert rebuilt.code_dir == tmp_path / "code" and rebuilt.sweep_dir == plan.sweep_dir
+
+
+def test_ctl_list_status_report_never_import_torch_or_jax(reg, tmp_path):
+    plan = make_plan(tmp_path, "20250101-000000-aaaa", 2)
+    record(reg, plan)
+    reg.set_handles(plan.sweep_id, {0: "1_0", 1: "1_1"})
+    reg.update(
+        plan.sweep_id,
+        [Observation(0, state="COMPLETED", exit_code=0), Observation(1, state="FAILED", exit_code=1)],
+    )
+    reg.close()
+    out = tmp_path / "rep"
+    code = f"""
+import sys
+from launcher import ctl
+for args in (["list"], ["status", "latest"], ["report", "2025", "--out", {str(out)!r}], ["history", "latest", "1"]):
+    assert ctl.main(["--registry", {str(reg.path)!r}, *args]) == 0, args
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "jax", "transformers"))
+print("HEAVY", heavy)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    assert "1 COMPLETED, 1 FAILED" in proc.stdout  # list and status count states
+    assert "FAILED (exit 1)" in proc.stdout and (out / "metrics.png").stat().st_size > 0
+
+
+def test_resume_relaunches_unfinished_and_lost_jobs_from_the_submitted_code(tmp_path, capsys):
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "res", [(1, 0.01, 0), (1, 0.01, 0), (1, 0.01, 0)])
+    code = tmp_path / "snapshot"
+    code.mkdir()
+    with Registry(reg_path) as r:
+        r.record_sweep(plan, command_line="x", overrides=[], cwd="/", code_dir=str(code))
+        # Job 0 completed; job 1 failed; job 2 was recorded but its launcher died before starting it.
+        r.update(
+            "res",
+            [Observation(0, state="COMPLETED", exit_code=0), Observation(1, state="FAILED", exit_code=9)],
+        )
+    for job in plan.jobs:
+        sweep.write_job_config(job)
+    assert ctl.main(["--registry", str(reg_path), "resume", "res"]) == 0
+    assert "resuming 2 job(s) with the code it was submitted with" in capsys.readouterr().out
+    with Registry(reg_path) as r:
+        assert [(j.state, j.exit_code) for j in r.jobs("res")] == [("COMPLETED", 0)] * 3
+        assert [e.kind for e in r.events("res", 0)] == ["state", "state"]  # job 0 left alone
+        assert [e.kind for e in r.events("res", 2)] == ["state", "resubmit", "state", "state"]
+    for num in (1, 2):
+        assert f"cwd {code}" in (plan.jobs[num].run_dir / "logs" / "rank0.log").read_text()
+    assert not (plan.jobs[0].run_dir / "logs").exists()
