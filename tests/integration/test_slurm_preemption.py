@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.registry import Registry
+
 pytestmark = pytest.mark.slurm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,7 @@ BASE = ["trainer=singularity", "dataset=msrvtt", "backend=slurm", "site=local_sl
 SMALL = [f"dataset.sample_scale={SCALE}", "trainer.batch_size=4", "trainer.num_workers=0"]
 SHORT = [*SMALL, "trainer.epochs=30", "trainer.checkpoint_every=7"]
 LONG = [*SMALL, "trainer.epochs=100", "trainer.checkpoint_every=7"]
+TRACKED = ["tracker.wandb=true", "tracker.mode=offline"]  # one tracker run must survive the requeue
 RUN_TIMEOUT_S = 240
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "COMPLETING"}
 
@@ -88,6 +91,7 @@ class Job:
     sweep_dir: Path
     job_id: str
     output: str
+    registry: str = ""
 
     @property
     def run_dir(self) -> Path:
@@ -161,7 +165,9 @@ def launch(env):
         assert proc.returncode == 0, output
         head = re.search(r"^sweep (\S+): 1 job\(s\) accepted by Slurm as (\S+)$", proc.stdout, re.M)
         assert head, output
-        return Job(name, Path(env["VLAUNCH_RUNS"]) / head.group(1), head.group(2), output)
+        return Job(
+            name, Path(env["VLAUNCH_RUNS"]) / head.group(1), head.group(2), output, env["VLAUNCH_REGISTRY"]
+        )
 
     run.names = names  # type: ignore[attr-defined]
     yield run
@@ -286,7 +292,7 @@ def interrupted_runs(launch):
     watcher = RaiseLimitAfterRequeue(timed)
     watcher.start()
     reference = launch(*SHORT)
-    requeued = launch(*SHORT)
+    requeued = launch(*SHORT, *TRACKED)
     yield reference, requeued, timed, watcher
     watcher.stop.set()
 
@@ -316,6 +322,22 @@ def test_scontrol_requeue_resumes_from_the_checkpoint_to_the_same_parameters(int
     assert [(e["attempt"], e["by"]) for e in of(events, "requeue")] == [(0, "slurm")], job.details()
     assert of(events, "exit", attempt=1)[0]["exit_code"] == 0
     assert job.digest() == reference.digest()
+
+    # The registry (refreshed by the ctl from Slurm and the run dir) shows the requeue in the job's
+    # history, and the job kept one tracker run across both attempts.
+    sweep_id = job.sweep_dir.name
+    env = dict(os.environ, VLAUNCH_REGISTRY=job.registry)
+    status = subprocess.run(
+        [sys.executable, "-m", "launcher.ctl", "status", sweep_id, "--refresh"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    reg = Registry(Path(job.registry))
+    (row,) = reg.jobs(sweep_id)
+    assert (row.state, row.requeues, row.tracker_run_id) == ("COMPLETED", 1, f"{sweep_id}-0"), status.stdout
+    assert any(e.kind == "requeue" for e in reg.events(sweep_id, 0)), reg.events(sweep_id, 0)
+    offline = sorted((job.run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(r.name.endswith(f"-{sweep_id}-0") for r in offline), offline
 
 
 def test_time_limit_warning_checkpoints_requeues_and_completes(interrupted_runs):

@@ -84,16 +84,32 @@ def test_a_requeued_job_continues_the_same_wandb_run(tmp_path):
     assert json.loads((run_dir / "status" / "tracker.json").read_text()) == {"wandb_run_id": "stopped-0"}
 
 
+def files_holding(root: Path, secret: str) -> list[str]:
+    """Every file under root (the sample-data cache aside) that contains the secret."""
+    return [
+        str(path)
+        for path in root.rglob("*")
+        if path.is_file() and "cache" not in path.parts and secret.encode() in path.read_bytes()
+    ]
+
+
 @pytest.mark.slow
 def test_a_secret_in_the_environment_reaches_no_file(tmp_path):
     canary = "vl-canary-" + secrets.token_hex(8)
     env = env_for(tmp_path, WANDB_API_KEY=canary, HF_TOKEN=canary, MY_SERVICE_PASSWORD=canary)
     launch(env, "trainer.epochs=1", "sweep_id=canary")
     launch(env, "trainer.epochs=1", "sweep_id=canary-dry", "backend=slurm", "--dry-run")
-    leaked = [
-        str(path)
-        for path in tmp_path.rglob("*")
-        if path.is_file() and "cache" not in path.parts and canary.encode() in path.read_bytes()
-    ]
-    assert leaked == []
+    assert files_holding(tmp_path, canary) == []
     assert (tmp_path / "runs" / "canary" / "jobs" / "0" / "metrics.json").exists(), "the run did happen"
+
+
+@pytest.mark.slurm
+def test_a_secret_reaches_no_file_of_a_slurm_run(slurm_cluster, tmp_path):
+    """Batch scripts, submitit's pickles, task logs, run dirs, wandb's files and the registry."""
+    canary = "vl-canary-" + secrets.token_hex(8)
+    env = env_for(tmp_path, WANDB_API_KEY=canary, HF_TOKEN=canary, **slurm_cluster["env"])
+    launch(env, "trainer.epochs=1", "sweep_id=canary-slurm", "backend=slurm", "site=local_slurm", "--wait")
+    run_dir = tmp_path / "runs" / "canary-slurm"
+    assert (run_dir / "jobs" / "0" / "metrics.json").exists() and list(run_dir.glob("slurm/*/*.sh"))
+    assert (tmp_path / "registry.sqlite").exists()
+    assert files_holding(tmp_path, canary) == []

@@ -55,7 +55,27 @@ class Tracker:
         """The job will be requeued: the run continues later under the same id."""
 
 
+def _best_effort(method):
+    """Tracking never decides a job's fate: a failing tracker call (e.g. wandb's service process
+    already killed by the scheduler's SIGTERM) is logged and training goes on or exits as planned."""
+
+    def guarded(self, *args, **kwargs):
+        if self._broken:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self._broken = True
+            log.warning("tracker call %s failed (%s: %s); tracking stops for this attempt", method.__name__,
+                        type(e).__name__, e)  # fmt: skip
+            return None
+
+    return guarded
+
+
 class WandbTracker(Tracker):
+    _broken = False
+
     def __init__(self, job: dict[str, Any], settings: dict[str, Any]) -> None:
         import wandb
 
@@ -83,16 +103,20 @@ class WandbTracker(Tracker):
             job["job"]["sweep_id"],
         )
 
+    @_best_effort
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
 
+    @_best_effort
     def summary(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self._run.summary[key] = value
 
+    @_best_effort
     def finish(self, exit_code: int = 0) -> None:
         self._run.finish(exit_code=exit_code)
 
+    @_best_effort
     def preempted(self) -> None:
         self._run.mark_preempting()
         self._run.finish()
