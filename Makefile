@@ -15,7 +15,7 @@ $(STAMP):
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH)"
-	$(PYTHON) -m pip install -q -e ".[torch,tracking,tpu,dev]" --config-settings editable_mode=compat
+	$(PYTHON) -m pip install -q -e ".[torch,tracking,tpu,jax,dev]" --config-settings editable_mode=compat
 	rm -f $(VENV)/.installed-*
 	touch $@
 
