@@ -20,4 +20,10 @@ FAMILIES: dict[str, Family] = {
         framework="torch",
         config_module="trainers.singularity.config",
     ),
+    "alpro": Family(
+        module="trainers.alpro",
+        tasks=("retrieval", "qa"),
+        framework="torch",
+        config_module="trainers.alpro.config",
+    ),
 }

@@ -1,4 +1,5 @@
-"""Model config of the ALPRO trainer (`AlproConfig`).
+"""Configs of the ALPRO trainer: the model (`AlproConfig`) and training (`TrainConfig`, its presets,
+`resolve`, and `optional_schema`, the Hydra schema of `conf/trainer/alpro.yaml`).
 
 No torch here: the launcher imports this module to check `trainer.*` overrides on the laptop.
 Defaults are upstream's (salesforce/ALPRO: `config_release/base_model.json` for BERT,
@@ -15,9 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# One pure helper shared by the families' configs (dataclasses.replace that recurses and names the
-# valid keys on a typo). It lives with the Singularity config for now.
-from trainers.core.configs import replace_checked
+from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
+    AMP_CHOICES,
+    OptimConfig,
+    drop_unset,
+    merge,
+    optional_schema,
+    replace_checked,
+)
 
 # Upstream's TimeSformer wrapper fixes divided space-time attention; joint attention keeps the same
 # token layout. ("space_only" folds frames into the batch and is not supported.)
@@ -221,9 +227,138 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+FRAME_SAMPLES = ("uniform", "rand", "nlvl_rand", "headtail")  # trainers.core.clip_sampling.ALPRO_SAMPLES
+
+
+def _upstream_optim() -> OptimConfig:
+    # config_release/*.json: AdamW betas (0.9, 0.98), weight decay 1e-3. Upstream decays linearly; the
+    # shared loop's schedule is a cosine down to lr * min_lr_multi (0 here), the nearest it has.
+    return OptimConfig(lr=2.5e-5, weight_decay=1e-3, betas=(0.9, 0.98), min_lr_multi=0.0, max_grad_norm=5.0)
+
+
+@dataclass
+class TrainConfig:
+    """The `trainer:` node of an ALPRO job config after its preset is applied.
+
+    Defaults are upstream's MSRVTT retrieval fine-tuning (config_release/msrvtt_ret.json): 8 frames
+    (`rand` in training, `uniform` at test), 224 crops of frames resized to 256, lr 2.5e-5, 5 epochs,
+    8 videos per GPU, gradient-norm clip 5. The `base` preset adds what the dataset's own upstream
+    config changes (`BASE_BY_DATASET`).
+    """
+
+    family: str = "alpro"
+    preset: str = "base"
+    model: AlproConfig = field(default_factory=lambda: AlproConfig.from_dict(TASK_OVERRIDES["msrvtt_ret"]))
+    optim: OptimConfig = field(default_factory=_upstream_optim)
+    epochs: int = 5  # 0: evaluate `pretrained` without training
+    batch_size: int = 8  # per process
+    batch_size_test: int = 64
+    num_workers: int = 4
+    amp: str = "off"  # upstream fine-tunes in fp32 (`fp16: 0`); auto: bf16/fp16 as the GPU allows
+    sample: str = "rand"  # training frame choice; evaluation always takes `uniform` frames
+    resize_size: int = 256  # frames are resized (square) to this, then randomly cropped to image_size
+    hflip: bool = False  # upstream's fine-tuning does not flip
+    pretrained: str | None = None  # upstream (`alpro_pretrained_ckpt.pt`) or our own checkpoint
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    eval_split: str = "test"
+    torch_threads: int | None = None
+
+
+# What upstream's config_release/<dataset>.json changes from the defaults above (the `base` preset).
+# Upstream's QA configs accumulate 2 batches of 12; the shared loop has no accumulation, so a 24-video
+# batch per process stands for it (the same gradient when memory allows).
+BASE_BY_DATASET: dict[str, dict[str, Any]] = {
+    "msrvtt": {"model": TASK_OVERRIDES["msrvtt_ret"]},
+    "didemo": {
+        "model": TASK_OVERRIDES["didemo_ret"],
+        "optim": {"lr": 4e-5, "max_grad_norm": 20.0},
+        "epochs": 10,
+        "batch_size": 12,
+    },
+    "msrvtt_qa": {
+        "model": TASK_OVERRIDES["msrvtt_qa"],
+        "optim": {"lr": 5e-5, "max_grad_norm": 5.0},
+        "epochs": 10,
+        "batch_size": 24,
+    },
+    "msvd_qa": {
+        "model": TASK_OVERRIDES["msvd_qa"],
+        "optim": {"lr": 5e-5, "max_grad_norm": 20.0},
+        "epochs": 15,
+        "batch_size": 24,
+    },
+}
+
+# `tiny` is the CPU demo: a model of about 100k parameters that learns the sample data in about a
+# minute on one or two cores (32 px crops of 40 px frames, 2 frames).
+PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "tiny": {
+        "model": {**MODEL_PRESETS["tiny"], "loss_weight": {"vtc": 1.0, "vtm": 1.0, "mlm": 0.0}},
+        "optim": {"lr": 2e-3, "weight_decay": 0.02, "warmup_epochs": 0.5, "min_lr_multi": 0.05,
+                  "max_grad_norm": 5.0},
+        "epochs": 10,
+        "batch_size": 32,
+        "batch_size_test": 64,
+        "num_workers": 1,
+        "resize_size": 36,
+        "amp": "off",
+    },
+}  # fmt: skip
+
+
+def preset_for(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
+    """`auto`: tiny on the generated sample data, base (upstream) when data_root points at real data."""
+    preset = trainer.get("preset") or "auto"
+    if preset == "auto":
+        return "tiny" if dataset.get("data_root") is None else "base"
+    if preset not in PRESETS:
+        raise ValueError(f"trainer.preset={preset!r}; valid: auto, {', '.join(PRESETS)}")
+    return preset
+
+
+def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConfig:
+    """The effective training config: defaults <- preset (base: + the dataset's upstream config) <-
+    explicit (non-null) values. Raises ValueError naming the valid keys or values when something is wrong.
+    """
+    preset = preset_for(trainer, dataset)
+    explicit = drop_unset({k: v for k, v in trainer.items() if k not in ("family", "preset")})
+    if "optim" in explicit and "betas" in explicit["optim"]:
+        explicit["optim"]["betas"] = tuple(explicit["optim"]["betas"])
+    values = PRESETS[preset]
+    if preset == "base":
+        values = merge(values, BASE_BY_DATASET.get(str(dataset.get("name")), {}))
+    values = merge(values, explicit)
+    values["preset"] = preset
+    config = replace_checked(TrainConfig(), values, "trainer")
+    config.model.validate()
+    if config.amp not in AMP_CHOICES:
+        raise ValueError(f"trainer.amp={config.amp!r}; valid: {', '.join(AMP_CHOICES)}")
+    if config.sample not in FRAME_SAMPLES:
+        raise ValueError(f"trainer.sample={config.sample!r}; valid: {', '.join(FRAME_SAMPLES)}")
+    if config.resize_size < config.model.video.image_size:
+        raise ValueError(
+            f"trainer.resize_size ({config.resize_size}) must be >= trainer.model.video.image_size "
+            f"({config.model.video.image_size}): training crops image_size out of the resized frames"
+        )
+    if config.epochs < 0 or config.batch_size < 1:
+        raise ValueError("trainer.epochs must be >= 0 (0: evaluate only) and trainer.batch_size >= 1")
+    return config
+
+
 __all__ = [
     "ATTENTION_TYPES",
     "AlproConfig",
+    "BASE_BY_DATASET",
+    "PRESETS",
+    "TrainConfig",
+    "optional_schema",
+    "resolve",
     "LossWeights",
     "MODEL_PRESETS",
     "TASK_OVERRIDES",

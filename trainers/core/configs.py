@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -28,3 +29,53 @@ def replace_checked(obj: Any, overrides: Mapping[str, Any], path: str) -> Any:
                 )
         changes[key] = value
     return dataclasses.replace(obj, **changes)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW without decay on biases and 1-d parameters, cosine schedule stepped every iteration."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 0.0
+    min_lr_multi: float = 0.1  # the cosine ends at lr * min_lr_multi
+    max_grad_norm: float = -1.0  # <= 0: no clipping (upstream's default)
+
+
+# Mixed precision choices of every PyTorch family (trainers/core/loop.py:autocast_dtype).
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def drop_unset(value: Any) -> Any:
+    """Nested mapping without the None leaves (None in the YAML means 'keep the preset's value')."""
+    if isinstance(value, Mapping):
+        return {k: drop_unset(v) for k, v in value.items() if v is not None and drop_unset(v) != {}}
+    return value
+
+
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def optional_schema(cls: type, name: str | None = None) -> type:
+    """A copy of dataclass `cls` whose fields all default to None (nested dataclasses included).
+
+    Registered with Hydra as the `trainer` schema: unknown keys and wrong types fail at compose
+    time, and a null means "the preset decides".
+    """
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            sub = optional_schema(hint)
+            fields.append((f.name, sub, field(default_factory=sub)))
+        elif typing.get_origin(hint) is tuple:
+            fields.append((f.name, list[float] | None, field(default=None)))
+        else:
+            fields.append((f.name, hint | None if hint is not Any else Any, field(default=None)))
+    return dataclasses.make_dataclass(name or f"Optional{cls.__name__}", fields)

@@ -217,7 +217,11 @@ class _Trainer:
         del state
 
         if env.distributed:
-            model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            # find_unused_parameters: a head whose loss weight is 0 gets no gradient; without it DDP
+            # would skip averaging that head's whole bucket (and every parameter sharing it).
+            model = DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
+            )
         progress = Progress(self.run_dir, total_steps, enabled=env.is_main)
         started = time.time()
         model.train()

@@ -7,12 +7,18 @@ register the schema with Hydra, before anything is submitted.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.core.configs import replace_checked
+from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
+    AMP_CHOICES,
+    OptimConfig,
+    drop_unset,
+    merge,
+    optional_schema,
+    replace_checked,
+)
 
 FRAME_ENSEMBLES = ("concat", "mean", "max", "lse")
 
@@ -176,18 +182,6 @@ class SingularityConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW without decay on biases and 1-d parameters, cosine schedule stepped every iteration."""
-
-    lr: float = 1e-5
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 0.0
-    min_lr_multi: float = 0.1  # the cosine ends at lr * min_lr_multi
-    max_grad_norm: float = -1.0  # <= 0: no clipping (upstream's default)
-
-
-@dataclass
 class TrainConfig:
     """The `trainer:` node of a job config after its preset is applied.
 
@@ -211,8 +205,6 @@ class TrainConfig:
     eval_split: str = "test"  # annotation split evaluated at the end
     torch_threads: int | None = None  # None: OMP_NUM_THREADS, as the launcher sets it per task
 
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 # Presets: what `trainer.preset=<name>` changes from the defaults above. `tiny` is the CPU demo:
 # a model of a few hundred thousand parameters that learns the sample data in about a minute.
@@ -265,30 +257,16 @@ def preset_for(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
     return preset
 
 
-def _drop_unset(value: Any) -> Any:
-    """Nested mapping without the None leaves (None in the YAML means 'keep the preset's value')."""
-    if isinstance(value, Mapping):
-        return {k: _drop_unset(v) for k, v in value.items() if v is not None and _drop_unset(v) != {}}
-    return value
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
 def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConfig:
     """The effective training config: defaults <- preset <- explicit (non-null) values.
 
     Raises ValueError naming the valid keys or values when something is wrong.
     """
     preset = preset_for(trainer, dataset)
-    explicit = _drop_unset({k: v for k, v in trainer.items() if k not in ("family", "preset")})
+    explicit = drop_unset({k: v for k, v in trainer.items() if k not in ("family", "preset")})
     if "optim" in explicit and "betas" in explicit["optim"]:
         explicit["optim"]["betas"] = tuple(explicit["optim"]["betas"])
-    values = _merge(PRESETS[preset], explicit)
+    values = merge(PRESETS[preset], explicit)
     values["preset"] = preset
     config = replace_checked(TrainConfig(), values, "trainer")
     if config.amp not in AMP_CHOICES:
@@ -296,23 +274,3 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
     if config.epochs < 0 or config.batch_size < 1:
         raise ValueError("trainer.epochs must be >= 0 (0: evaluate only) and trainer.batch_size >= 1")
     return config
-
-
-def optional_schema(cls: type, name: str | None = None) -> type:
-    """A copy of dataclass `cls` whose fields all default to None (nested dataclasses included).
-
-    Registered with Hydra as the `trainer` schema: unknown keys and wrong types fail at compose
-    time, and a null means "the preset decides".
-    """
-    hints = typing.get_type_hints(cls)
-    fields = []
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            sub = optional_schema(hint)
-            fields.append((f.name, sub, field(default_factory=sub)))
-        elif typing.get_origin(hint) is tuple:
-            fields.append((f.name, list[float] | None, field(default=None)))
-        else:
-            fields.append((f.name, hint | None if hint is not Any else Any, field(default=None)))
-    return dataclasses.make_dataclass(name or f"Optional{cls.__name__}", fields)

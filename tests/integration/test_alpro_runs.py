@@ -1,0 +1,130 @@
+"""ALPRO end to end: a 2-process DDP step equals one process on the global batch, a launcher run
+completes with metrics.json, and a sweep over both families composes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+WORLD = 2
+GLOBAL_BATCH = 8
+SCALE = 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recipe():
+    from trainers.alpro.train import AlproRecipe
+    from trainers.core.sample_data import ensure_sample_data
+
+    dataset = {
+        "name": "msrvtt", "task": "retrieval", "data_root": str(ensure_sample_data("msrvtt", scale=SCALE)),
+        "anno": {"train": "anno/msrvtt_ret_train7k.json", "test": "anno/msrvtt_ret_test1k.json"},
+        "media_dir": "videos", "tokenizer": None, "max_txt_l": 32, "paragraph": False,
+    }  # fmt: skip
+    # VTM draws its negatives inside each process's batch (as upstream), so a 2-process step cannot
+    # equal a 1-process one with it: compare VTC (gathered across processes) + MLM, VTM weight 0.
+    trainer = {"family": "alpro", "preset": "tiny", "num_workers": 0, "batch_size": GLOBAL_BATCH,
+               "model": {"loss_weight": {"vtc": 1.0, "vtm": 0.0, "mlm": 1.0}}}  # fmt: skip
+    return AlproRecipe({"trainer": trainer, "dataset": dataset}, torch.device("cpu"))
+
+
+def _step(recipe, rank: int, world_size: int, wrap=None):
+    """Loss and gradients of one step on this rank's shard of the first global batch (float64, no dropout)."""
+    recipe.cfg.batch_size = GLOBAL_BATCH // world_size
+    torch.manual_seed(0)
+    model = recipe.build_model().double().eval()
+    env = type("Env", (), {"rank": rank, "world_size": world_size})()
+    loader, _ = recipe.train_data(seed=0, env=env)
+    batch = next(iter(loader))
+    ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
+    # MLM on fixed positions (1 and 2 of every caption): every process masks as many tokens, so the mean
+    # of the per-process MLM means is the global mean (MLM averages over the process's masked tokens).
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:3] = ids[:, 1:3]
+    mlm_ids = ids.clone()
+    mlm_ids[:, 1:3] = recipe.tokenizer.mask_token_id
+    net = wrap(model) if wrap else model
+    losses = net(batch["frames"].double(), ids, mask, mlm_ids, labels, idx=batch["idx"])
+    loss = sum(losses.values())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from trainers.core import distributed
+
+    distributed.setup(timeout_s=60)  # gloo on CPU, as the loop's processes
+    try:
+        # With VTM off its head gets no gradient; without find_unused_parameters DDP would never reduce
+        # the bucket holding it (and `temp`, registered beside it), silently leaving those unaveraged.
+        ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)  # noqa: E731
+        loss, grads = _step(_recipe(), rank, WORLD, wrap=ddp)
+        dist.all_reduce(loss)
+        torch.save({"loss": loss / WORLD, "grads": grads}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step_has_the_gradients_of_one_process_on_the_global_batch(tmp_path):
+    recipe = _recipe()
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    loss, expected = _step(recipe, 0, 1)
+
+    assert "temp" in expected and "text_encoder.cls.predictions.bias" in expected
+    assert any(n.startswith("visual_encoder.") for n in expected)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.allclose(result["loss"], loss, rtol=1e-10, atol=0)
+        assert set(result["grads"]) == set(expected)
+        for name, grad in expected.items():
+            assert torch.allclose(result["grads"][name], grad, rtol=1e-7, atol=1e-12), name
+
+
+def _launch(*args: str, runs: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VLAUNCH_RUNS=str(runs))
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_launcher_runs_alpro_on_msrvtt_to_metrics(tmp_path):
+    proc = _launch(
+        "trainer=alpro", "dataset=msrvtt", f"dataset.sample_scale={SCALE * 2}", "trainer.epochs=2",
+        "sweep_id=alpro", runs=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "alpro" / "jobs" / "0" / "metrics.json").read_text())
+    assert metrics["task"] == "retrieval" and metrics["split"] == "test"
+    assert set(metrics["headline"]) == set(metrics["chance"]) == {"R@1", "R@5", "R@10"}
+    assert {"vid_r1", "txt_r1", "emb_vid_r1"} <= set(metrics["metrics"])
+    assert metrics["train_steps"] > 0 and "COMPLETED" in proc.stdout
+
+
+def test_a_sweep_over_both_families_composes_for_qa(tmp_path):
+    proc = _launch("-m", "trainer=singularity,alpro", "dataset=msrvtt_qa", "--dry-run", runs=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "trainers.singularity" in proc.stdout and "trainers.alpro" in proc.stdout
+    assert not any(tmp_path.iterdir()), "a dry run writes nothing"

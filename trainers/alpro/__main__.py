@@ -1,0 +1,3 @@
+from trainers.alpro.train import main
+
+main()
