@@ -18,6 +18,7 @@ from typing import Any
 
 from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
     AMP_CHOICES,
+    BertTextConfig,
     OptimConfig,
     drop_unset,
     merge,
@@ -54,29 +55,14 @@ class VideoConfig:
 
 
 @dataclass
-class TextConfig:
+class TextConfig(BertTextConfig):
     """BERT: layers < fusion_layer encode the text alone; layers >= fusion_layer run over the
     concatenated [text; video] tokens (upstream's xbert disables cross-attention).
 
     Special token ids default to bert-base-uncased's; set them to match your tokenizer.
     """
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_layers: int = 12
     fusion_layer: int = 6
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    cls_token_id: int = 101
-    sep_token_id: int = 102
-    mask_token_id: int = 103
 
 
 @dataclass

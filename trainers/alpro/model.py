@@ -51,6 +51,7 @@ from trainers.alpro.config import (  # noqa: F401 - re-exported: the model's con
     TextConfig,
     VideoConfig,
 )
+from trainers.core.bert import bert_config, init_bert_weights
 from trainers.core.gather import all_gather_with_grad, concat_all_gather, shard_rows
 
 # Additive attention-mask value for padded keys: upstream's -10000, finite so it survives fp16/bf16.
@@ -60,47 +61,6 @@ _MASKED = -10000.0
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-def _bert_config(text: TextConfig) -> BertConfig:
-    return BertConfig(
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        intermediate_size=text.intermediate_size,
-        hidden_act="gelu",
-        hidden_dropout_prob=text.hidden_dropout_prob,
-        attention_probs_dropout_prob=text.attention_probs_dropout_prob,
-        max_position_embeddings=text.max_position_embeddings,
-        type_vocab_size=text.type_vocab_size,
-        layer_norm_eps=text.layer_norm_eps,
-        initializer_range=text.initializer_range,
-        pad_token_id=text.pad_token_id,
-        attn_implementation="sdpa",
-    )
-
-
-def _init_bert_weights(module: nn.Module, std: float) -> None:
-    """BERT's initialisation (normal(0, std), zero biases, unit LayerNorm) for modules built outside a
-    `PreTrainedModel`. Upstream starts from bert-base-uncased; our base config loads it or an ALPRO
-    checkpoint over this."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    for m in module.modules():
-        if isinstance(m, BertOnlyMLMHead):
-            nn.init.zeros_(m.predictions.bias)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +121,7 @@ class FusionBert(nn.Module):
     def __init__(self, text: TextConfig) -> None:
         super().__init__()
         self.fusion_layer = text.fusion_layer
-        config = _bert_config(text)
+        config = bert_config(text)
         self.embeddings = BertEmbeddings(config)
         self.encoder = _BertLayers(config, text.num_layers)
 
@@ -187,8 +147,8 @@ class MaskedLMTextEncoder(nn.Module):
     def __init__(self, text: TextConfig, mlm_head: bool) -> None:
         super().__init__()
         self.bert = FusionBert(text)
-        self.cls = BertOnlyMLMHead(_bert_config(text)) if mlm_head else None
-        _init_bert_weights(self, text.initializer_range)
+        self.cls = BertOnlyMLMHead(bert_config(text)) if mlm_head else None
+        init_bert_weights(self, text.initializer_range)
         if self.cls is not None:
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
@@ -491,7 +451,7 @@ class AlproQA(_AlproBackbone):
         if config.num_labels < 1:
             raise ValueError("AlproQA needs config.num_labels >= 1 (the size of ans2label)")
         text_encoder = FusionBert(config.text)
-        _init_bert_weights(text_encoder, config.text.initializer_range)
+        init_bert_weights(text_encoder, config.text.initializer_range)
         super().__init__(config, text_encoder)
         width = config.text.hidden_size
         hidden = width * config.qa_hidden_scale

@@ -79,3 +79,28 @@ def optional_schema(cls: type, name: str | None = None) -> type:
         else:
             fields.append((f.name, hint | None if hint is not Any else Any, field(default=None)))
     return dataclasses.make_dataclass(name or f"Optional{cls.__name__}", fields)
+
+
+@dataclass
+class BertTextConfig:
+    """A BERT text (+ multimodal) encoder as the families use it: layers >= fusion_layer are the
+    multimodal ones (what they attend to differs per family). bert-base-uncased's sizes and special
+    token ids by default; set the ids to match your tokenizer.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    fusion_layer: int = 9
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103

@@ -60,6 +60,7 @@ from torch import nn
 from transformers import BeitConfig, BeitModel, BertConfig, BertLMHeadModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
 
+from trainers.core.bert import bert_config, init_bert_weights
 from trainers.singularity.config import (  # noqa: F401 - re-exported: the model's config lives beside it
     FRAME_ENSEMBLES,
     LossWeights,
@@ -76,49 +77,6 @@ _MASKED = -10000.0
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-def _bert_config(text: TextConfig, **overrides: Any) -> BertConfig:
-    cfg = BertConfig(
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        intermediate_size=text.intermediate_size,
-        hidden_act="gelu",
-        hidden_dropout_prob=text.hidden_dropout_prob,
-        attention_probs_dropout_prob=text.attention_probs_dropout_prob,
-        max_position_embeddings=text.max_position_embeddings,
-        type_vocab_size=text.type_vocab_size,
-        layer_norm_eps=text.layer_norm_eps,
-        initializer_range=text.initializer_range,
-        pad_token_id=text.pad_token_id,
-        attn_implementation="sdpa",
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def _init_bert_weights(module: nn.Module, std: float) -> None:
-    """BERT's initialisation (normal(0, std) weights, zero biases, unit LayerNorm), for modules built
-    outside a `PreTrainedModel` (which would otherwise keep PyTorch's default init)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    for m in module.modules():
-        if isinstance(m, BertOnlyMLMHead):
-            nn.init.zeros_(m.predictions.bias)
 
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -174,7 +132,7 @@ class FusionTextEncoder(nn.Module):
     def __init__(self, text: TextConfig) -> None:
         super().__init__()
         self.fusion_layer = text.fusion_layer
-        config = _bert_config(text)
+        config = bert_config(text)
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertLayerStack(config, text.num_layers, cross_attention_from=text.fusion_layer)
 
@@ -230,7 +188,7 @@ class MaskedLMTextEncoder(nn.Module):
     def __init__(self, text: TextConfig) -> None:
         super().__init__()
         self.bert = FusionTextEncoder(text)
-        self.cls = BertOnlyMLMHead(_bert_config(text))
+        self.cls = BertOnlyMLMHead(bert_config(text))
 
     def tie_weights(self) -> None:
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
@@ -289,7 +247,7 @@ class _SingularityBackbone(nn.Module):
         self.text_encoder: nn.Module = (
             MaskedLMTextEncoder(config.text) if mlm_layout else FusionTextEncoder(config.text)
         )
-        _init_bert_weights(self.text_encoder, config.text.initializer_range)
+        init_bert_weights(self.text_encoder, config.text.initializer_range)
         if mlm_layout:
             self.text_encoder.tie_weights()
 
@@ -300,9 +258,9 @@ class _SingularityBackbone(nn.Module):
         )
         if config.temporal_vision_encoder.enable:
             n = config.temporal_vision_encoder.num_layers
-            temporal_config = _bert_config(config.text, num_hidden_layers=n)
+            temporal_config = bert_config(config.text, num_hidden_layers=n)
             self.temporal_vision_encoder = BertLayerStack(temporal_config, n, cross_attention_from=n)
-            _init_bert_weights(self.temporal_vision_encoder, config.text.initializer_range)
+            init_bert_weights(self.temporal_vision_encoder, config.text.initializer_range)
 
     @property
     def text_bert(self) -> FusionTextEncoder:
@@ -542,7 +500,7 @@ class SingularityQA(_SingularityBackbone):
     def __init__(self, config: SingularityConfig) -> None:
         # Upstream's QA model deletes the ITC/ITM heads and the BEiT pooler and never uses MLM.
         super().__init__(config, vision_pooler=False, mlm_layout=False)
-        decoder_config = _bert_config(
+        decoder_config = bert_config(
             config.text,
             num_hidden_layers=config.num_decoder_layers,
             is_decoder=True,
