@@ -31,11 +31,13 @@ slurm-up:
 slurm-down:
 	infra/local_slurm.sh down
 
+# JAX's threads and the data loaders' fork() do not mix in one process: tests/jax runs apart.
 test: install slurm-up
-	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra --ignore=tests/jax
+	$(PYTHON) -m pytest -q -ra tests/jax
 
 test-unit: install
-	$(PYTHON) -m pytest -q -ra -m "not slurm"
+	$(PYTHON) -m pytest -q -ra -m "not slurm" --ignore=tests/jax
 
 lint: install
 	$(VENV)/bin/ruff check .

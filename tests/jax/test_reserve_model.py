@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-pytest.importorskip("flax")
-
-import jax.numpy as jnp  # noqa: E402
-
-from trainers.reserve.config import ReserveConfig  # noqa: E402
-from trainers.reserve.model import (  # noqa: E402
+from trainers.reserve.config import ReserveConfig
+from trainers.reserve.model import (
     ReservePretrainer,
     ReserveQA,
     apply_rotary,
@@ -22,7 +19,7 @@ from trainers.reserve.model import (  # noqa: E402
     qa_predict,
     rotary_sinusoids,
 )
-from trainers.reserve.weights import load_params, save_params  # noqa: E402
+from trainers.reserve.weights import load_params, save_params
 
 TINY = ReserveConfig.preset("tiny")
 TINY_QA = ReserveConfig.from_dict(
