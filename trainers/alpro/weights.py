@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.core.weights import LoadReport
+from trainers.core.weights import LoadReport, load_into, read_state_dict, strip_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -118,47 +118,19 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]
     dict. The report (also logged) lists missing, unexpected and shape-mismatched keys, the adaptations
     made, and the benign buffers ignored; `report.ok` when every tensor found its place.
     """
-    state, name = _read_state_dict(source)
+    state, name = read_state_dict(source)
     target = model.state_dict()
     report = LoadReport(source=name, total=len(target))
 
-    if state and all(k.startswith("module.") for k in state):  # saved from the DDP wrapper
-        state = {k[len("module.") :]: v for k, v in state.items()}
-        report.adapted.append("stripped 'module.' from every key")
+    state = strip_prefix(state, "module.", report)
     state = _rename_visual(state, report)
     state = _match_text_layout(state, target, report)
     _resize_embeddings(state, target, report)
     state = _drop_unused(state, target, report)
 
-    for key in [k for k in state if k not in target and k.endswith(_BENIGN_SUFFIXES)]:
-        report.ignored.append(key)
-        del state[key]
-    skipped = [k for k in state if k in target and state[k].shape != target[k].shape]
-    for key in skipped:
-        report.mismatched.append(f"{key}: {tuple(state[key].shape)} vs {tuple(target[key].shape)}")
-        del state[key]
-
-    result = model.load_state_dict(state, strict=False)
-    satisfied = _tied_names(model, loaded=set(state) & set(target))
-    not_loaded = [k for k in result.missing_keys if k not in satisfied]
-    report.missing = [k for k in not_loaded if k not in skipped]
-    report.unexpected = list(result.unexpected_keys)
-    report.loaded = report.total - len(not_loaded)
+    load_into(model, state, report, _BENIGN_SUFFIXES)
     (logger.info if report.ok else logger.warning)("%s", report)
     return report
-
-
-def _read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    if isinstance(source, Mapping):
-        obj, name = source, "<state_dict>"
-    else:
-        name = os.fspath(source)
-        obj = torch.load(name, map_location="cpu", weights_only=True)  # upstream saves tensors only
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{name} is neither a state dict nor a dict with a 'model' state dict")
-    return dict(obj), name
 
 
 def _rename_visual(state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
@@ -231,18 +203,6 @@ def _drop_unused(
         if dropped:
             report.adapted.append(f"dropped {prefix.rstrip('.')}* ({len(dropped)} tensors): {why}")
     return out
-
-
-def _tied_names(model: nn.Module, loaded: set[str]) -> set[str]:
-    """Names of parameters that share storage with a loaded one (the MLM decoder tied to the embeddings)."""
-    by_param: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_param.setdefault(id(param), []).append(name)
-    satisfied = set()
-    for names in by_param.values():
-        if len(names) > 1 and any(n in loaded for n in names):
-            satisfied.update(names)
-    return satisfied
 
 
 __all__ = ["LoadReport", "VISUAL_RENAMES", "load_weights", "to_ours", "to_upstream"]

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 # One report type for every family's loader.
-from trainers.core.weights import LoadReport
+from trainers.core.weights import LoadReport, load_into, read_state_dict, strip_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -121,68 +120,20 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]
     buffers of other versions (ignored). Shape mismatches (e.g. another answer vocabulary) are skipped
     and listed. The report is logged and returned.
     """
-    state, name = _read_state_dict(source)
+    state, name = read_state_dict(source, drop_non_tensors=True)
     target = model.state_dict()
     report = LoadReport(source=name, total=len(target))
 
-    state = _strip_prefix(state, "module.", report)
+    state = strip_prefix(state, "module.", report)
     state = _place_components(state, report)
     state = _map_backbone(state, report)
     state = _drop_unused_heads(state, target, report)
 
-    for key in [k for k in state if k not in target and k.endswith(_BENIGN_SUFFIXES)]:
-        report.ignored.append(key)
-        del state[key]
-    skipped = [k for k in state if k in target and state[k].shape != target[k].shape]
-    for key in skipped:
-        report.mismatched.append(f"{key}: {tuple(state[key].shape)} vs {tuple(target[key].shape)}")
-        del state[key]
-
-    result = model.load_state_dict(state, strict=False)
-    satisfied = _tied_names(model, loaded=set(state) & set(target))
-    not_loaded = [k for k in result.missing_keys if k not in satisfied]
-    report.ignored += [k for k in not_loaded if k.endswith(_BENIGN_SUFFIXES)]
-    not_loaded = [k for k in not_loaded if not k.endswith(_BENIGN_SUFFIXES)]
-    report.missing = [k for k in not_loaded if k not in skipped]
-    report.unexpected = list(result.unexpected_keys)
-    report.loaded = report.total - len(not_loaded)  # benign buffers count as loaded, as in every family
+    load_into(model, state, report, _BENIGN_SUFFIXES, record_benign_missing=True)
     report.hints = _hints(report)
 
     (logger.info if report.ok else logger.warning)("%s", report)
     return report
-
-
-def _read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    if isinstance(source, Mapping):
-        obj, name = source, "<state_dict>"
-    else:
-        name = os.fspath(source)
-        try:
-            obj = torch.load(name, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # detectron2 checkpoints also pickle non-tensor metadata, which the safe loader refuses.
-            logger.warning(
-                "%s holds non-tensor objects; unpickling it in full (load only files you trust)", name
-            )
-            obj = torch.load(name, map_location="cpu", weights_only=False)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, not a state dict")
-    if isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(
-            f"{name} holds no tensors; expected a state dict or a dict with a 'model' state dict"
-        )
-    return tensors, name
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str, report: LoadReport) -> dict[str, torch.Tensor]:
-    # A state dict saved from the DDP wrapper instead of the bare model.
-    if state and all(k.startswith(prefix) for k in state):
-        report.adapted.append(f"stripped '{prefix}' from every key")
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def _place_components(state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
@@ -238,18 +189,6 @@ def _drop_unused_heads(
             f"dropped the pretraining heads transformer.cls.* ({len(dropped)} tensors): this task model has none"
         )
     return {k: v for k, v in state.items() if k not in dropped}
-
-
-def _tied_names(model: nn.Module, loaded: set[str]) -> set[str]:
-    """Names of parameters that share storage with a loaded one (the MLM decoder and word embeddings)."""
-    by_param: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_param.setdefault(id(param), []).append(name)
-    satisfied = set()
-    for names in by_param.values():
-        if len(names) > 1 and any(n in loaded for n in names):
-            satisfied.update(names)
-    return satisfied
 
 
 def _hints(report: LoadReport) -> list[str]:

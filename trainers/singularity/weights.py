@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.core.weights import LoadReport
+from trainers.core.weights import LoadReport, load_into, read_state_dict, strip_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +44,11 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]
     extra ones left at zero, surplus ones dropped); benign buffers from older transformers (ignored).
     The report is logged and returned.
     """
-    state, name = _read_state_dict(source)
+    state, name = read_state_dict(source)
     target = model.state_dict()
     report = LoadReport(source=name, total=len(target))
 
-    state = _strip_prefix(state, "module.", report)
+    state = strip_prefix(state, "module.", report)
     is_qa = any(k.startswith("text_decoder.") for k in target)
     if is_qa and not any(k.startswith("text_decoder.") for k in state):
         state = _decoder_from_encoder(state, model, report)
@@ -59,58 +58,11 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]
     _resize_rel_pos_tables(state, target, report)
     _resize_temporal_embeddings(state, target, report)
 
-    for key in [k for k in state if k not in target and k.endswith(_BENIGN_SUFFIXES)]:
-        report.ignored.append(key)
-        del state[key]
-    skipped = [k for k in state if k in target and state[k].shape != target[k].shape]
-    for key in skipped:
-        report.mismatched.append(f"{key}: {tuple(state[key].shape)} vs {tuple(target[key].shape)}")
-        del state[key]
-
-    result = model.load_state_dict(state, strict=False)
-    satisfied = _tied_names(model, loaded=set(state) & set(target))
-    not_loaded = [k for k in result.missing_keys if k not in satisfied and not k.endswith(_BENIGN_SUFFIXES)]
-    report.missing = [k for k in not_loaded if k not in skipped]
-    report.unexpected = list(result.unexpected_keys)
-    report.loaded = report.total - len(not_loaded)
+    load_into(model, state, report, _BENIGN_SUFFIXES)
     report.hints = _hints(state, model, report)
 
     (logger.info if report.ok else logger.warning)("%s", report)
     return report
-
-
-def _read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    if isinstance(source, Mapping):
-        obj, name = source, "<state_dict>"
-    else:
-        name = os.fspath(source)
-        try:
-            obj = torch.load(name, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Upstream checkpoints also pickle the OmegaConf config, which the safe loader refuses.
-            logger.warning(
-                "%s holds non-tensor objects; unpickling it in full (load only files you trust)", name
-            )
-            obj = torch.load(name, map_location="cpu", weights_only=False)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, not a state dict")
-    if isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(
-            f"{name} is neither a state dict nor a dict with a 'model' state dict; "
-            f"non-tensor entries: {sorted(not_tensors)[:10]}"
-        )
-    return dict(obj), name
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str, report: LoadReport) -> dict[str, torch.Tensor]:
-    # A state dict saved from the DDP wrapper instead of the bare model.
-    if state and all(k.startswith(prefix) for k in state):
-        report.adapted.append(f"stripped '{prefix}' from every key")
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def _text_prefix(keys) -> str:
@@ -242,18 +194,6 @@ def _resize_temporal_embeddings(
     report.adapted.append(
         f"temporal_embeddings {n_old} -> {n_new} frames ({'zero-padded' if n_new > n_old else 'truncated'})"
     )
-
-
-def _tied_names(model: nn.Module, loaded: set[str]) -> set[str]:
-    """Names of parameters that share storage with a loaded one (tied decoder / bias)."""
-    by_param: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_param.setdefault(id(param), []).append(name)
-    satisfied = set()
-    for names in by_param.values():
-        if len(names) > 1 and any(n in loaded for n in names):
-            satisfied.update(names)
-    return satisfied
 
 
 def _hints(state: Mapping[str, torch.Tensor], model: nn.Module, report: LoadReport) -> list[str]:
