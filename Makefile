@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 # A local CPU build of torch; an unpinned torch would pull gigabytes of CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-unit sample-data slurm-up slurm-down lint format bench clean
+.PHONY: install sshd demo test test-unit sample-data slurm-up slurm-down lint format bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ sample-data: install
 demo: install sample-data
 	$(PYTHON) -m launcher -m trainer=singularity dataset=didemo,msrvtt
 
+# The emulated TPU workers are real sshd processes (openssh-server, installed with apt-get if missing).
+sshd:
+	infra/ensure_sshd.sh
+
 slurm-up:
 	infra/local_slurm.sh up
 
@@ -32,7 +36,7 @@ slurm-down:
 	infra/local_slurm.sh down
 
 # JAX's threads and the data loaders' fork() do not mix in one process: tests/jax runs apart.
-test: install slurm-up
+test: install sshd slurm-up
 	$(PYTHON) -m pytest -q -ra --ignore=tests/jax
 	$(PYTHON) -m pytest -q -ra tests/jax
 

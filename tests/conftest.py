@@ -1,8 +1,30 @@
-"""Every test gets its own experiment registry: nothing is recorded in the user's real one."""
+"""Shared fixtures: a private experiment registry for every test, and fake-gcs-server on demand."""
 
-import pytest
+import os
+
+# gcsfs reads this when it is imported: against any emulator it must be off (see infra/fake_gcs.py).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _private_registry(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VLAUNCH_REGISTRY", str(tmp_path_factory.mktemp("registry") / "registry.sqlite"))
+
+
+@pytest.fixture(scope="session")
+def fake_gcs_server():
+    """fake-gcs-server on loopback for the whole test session (in memory), with bucket `vl-test`."""
+    from infra.fake_gcs import FakeGcs
+
+    with FakeGcs(buckets=("vl-test",)) as server:
+        yield server
+
+
+@pytest.fixture
+def fake_gcs(fake_gcs_server, monkeypatch):
+    """The session's fake-gcs-server, with this test's process environment pointed at it."""
+    for name, value in fake_gcs_server.env().items():
+        monkeypatch.setenv(name, value)
+    return fake_gcs_server
