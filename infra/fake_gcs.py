@@ -99,7 +99,9 @@ class FakeGcs:
         else:
             args += ["-backend", "memory"]
         self._log = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             if self._proc.poll() is not None:
@@ -113,7 +115,9 @@ class FakeGcs:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"fake-gcs-server did not answer on {self.url} within {timeout_s:g}s") from None
+                    raise RuntimeError(
+                        f"fake-gcs-server did not answer on {self.url} within {timeout_s:g}s"
+                    ) from None
                 time.sleep(0.05)
         for bucket in self.buckets:
             self.create_bucket(bucket)
