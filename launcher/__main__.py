@@ -35,6 +35,15 @@ def normalise(args: list[str]) -> list[str]:
         raise LaunchError(
             f"backend={backend} and hydra/launcher={plugin} disagree; they are the same choice, give one of them"
         )
+    trainer = _value_of(args, "trainer")
+    if trainer and "," not in trainer and _value_of(args, "dataset") is None:
+        from trainers.registry import FAMILIES
+
+        family = FAMILIES.get(trainer)
+        if family is not None and family.default_dataset:
+            args.append(
+                f"dataset={family.default_dataset}"
+            )  # conf/config.yaml's default is for torch families
     if backend and not plugin:
         args.append(f"hydra/launcher={backend}")
     elif plugin and not backend:

@@ -177,6 +177,8 @@ def log_file(sweep: Sweep, job: Job, rank: int) -> Path:
         if not job.handle:
             raise CtlError(f"job {job.num} of sweep {sweep.id} has no Slurm job id (state {job.state})")
         return Path(sweep.runs_dir) / "slurm" / job.handle / f"{job.handle}_{rank}_log.out"
+    if sweep.backend.startswith("tpu_"):
+        return Path(job.run_dir) / "logs" / f"worker{rank}.log"  # one log per TPU host
     return Path(job.run_dir) / "logs" / f"rank{rank}.log"
 
 
@@ -327,6 +329,14 @@ def relaunch(reg: Registry, sweep: Sweep, jobs: list[Job], *, code_dir: str | No
             detail=why,
         )
         return apply.report(apply.run_local(plan, reg, poll_s=1.0, num_of=num_of))
+    if sweep.backend.startswith("tpu_"):
+        reg.update(
+            sweep.id,
+            [registry.Observation(num=n, state=registry.PENDING) for n in num_of.values()],
+            kind="resubmit",
+            detail=why,
+        )
+        return apply.report(apply.run_tpu(plan, reg, num_of=num_of))
     from launcher.errors import LaunchError
 
     try:
@@ -364,6 +374,8 @@ def _alive(sweep: Sweep, jobs: list[Job]) -> set[int]:
     waiting = [j for j in jobs if j.state not in registry.TERMINAL]
     if sweep.backend == "local":
         return {j.num for j in waiting if registry.local_pids_alive(j.handle, j.run_dir)}
+    if sweep.backend.startswith("tpu_"):
+        return set()  # a TPU job lives as long as the launcher that watches it
     with_handle = [j for j in waiting if j.handle]
     if not with_handle:
         return set()

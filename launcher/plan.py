@@ -72,7 +72,10 @@ def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> 
     name = backend_cfg["name"]
     if name not in BACKEND_SCHEMAS:
         raise LaunchError(f"unknown backend '{name}'; choose one of: {', '.join(sorted(BACKEND_SCHEMAS))}")
-    site = dict((site_cfg or {}).get(name) or {})
+    site_cfg = site_cfg or {}
+    site = dict(site_cfg.get(name) or {})
+    if name.startswith("tpu_"):
+        site = {**(site_cfg.get("tpu") or {}), **site}  # `tpu:` is shared by tpu_vm and tpu_pod
     valid = set(backend_fields(name))
     unknown = sorted(set(site) - valid)
     if unknown:
@@ -93,6 +96,10 @@ def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> 
             raise LaunchError(f"backend.{key} must be at least 1, got {resolved[key]}")
     if resolved.get("max_requeues") is not None and int(resolved["max_requeues"]) < 0:
         raise LaunchError(f"backend.max_requeues must be 0 or more, got {resolved['max_requeues']}")
+    if name.startswith("tpu_"):
+        from launcher.backends.tpu import check_resources
+
+        check_resources(resolved)
     return resolved
 
 
@@ -162,6 +169,12 @@ def plan_sweep(
         if cfg["backend"]["name"] != backend:
             raise LaunchError("one sweep runs on one backend; do not sweep over backend=")
         module = check_trainer(cfg, checked)
+        if backend.startswith("tpu_") and FAMILIES[cfg["trainer"]["family"]].framework != "jax":
+            jax_families = sorted(n for n, f in FAMILIES.items() if f.framework == "jax")
+            raise LaunchError(
+                f"trainer={cfg['trainer']['family']} is a PyTorch trainer and backend={backend} runs JAX "
+                f"trainers ({', '.join(jax_families) or 'none registered'}); use backend=slurm or local for it"
+            )
         check_dataset(cfg["dataset"])
         resources = effective_backend(cfg["backend"], cfg.get("site", {}))
         run_dir = sweep_dir / "jobs" / str(num)
@@ -180,7 +193,13 @@ def plan_sweep(
             "dataset": cfg["dataset"],
             "backend": resources,
         }
-        command = [*shlex.split(interpreter), "-m", module, str(run_dir / "config.yaml")]
+        config_arg = str(run_dir / "config.yaml")
+        if backend.startswith("tpu_"):
+            # Outputs go to the bucket (the hosts share no disk with us); the agent on each host
+            # puts its local copy of the config where `{config}` stands.
+            job_cfg["job"]["output_url"] = f"{resources['bucket'].rstrip('/')}/{sweep_id}/jobs/{num}"
+            config_arg = "{config}"
+        command = [*shlex.split(interpreter), "-m", module, config_arg]
         jobs.append(
             JobPlan(num=num, overrides=list(overrides), run_dir=run_dir, config=job_cfg, command=command)
         )

@@ -69,6 +69,57 @@ class SlurmBackend:
     python: str | None = None  # interpreter command on the nodes; default: the launcher's own
 
 
+@dataclass
+class TpuBackend:
+    """A Cloud TPU VM (`tpu_vm`: one host) or pod slice (`tpu_pod`: several hosts) per job, created
+    through the Cloud TPU API; the trainer runs on every host at once over SSH.
+
+    The job's code and config are staged to `bucket`; checkpoints and metrics go there too
+    (`<bucket>/<sweep id>/jobs/<n>/`). Fields left null come from the site profile
+    (`conf/site/*.yaml`, keys `tpu_vm:` / `tpu_pod:`), then from `SITE_FALLBACKS`."""
+
+    name: str = "tpu_pod"
+    project: str | None = None
+    zone: str | None = None
+    bucket: str | None = None  # gs://bucket[/prefix]: staging, checkpoints, metrics
+    accelerator_type: str | None = None  # v4-8, v4-16, v5litepod-16, ...
+    runtime_version: str | None = None
+    capacity: str | None = None  # on_demand | spot | preemptible | guaranteed | reserved
+    queued: bool | None = None  # ask through a queued resource (needed for guaranteed / reserved)
+    reservation: str | None = None  # capacity=reserved with a queued resource: the reservation's id
+    network: str | None = None
+    subnetwork: str | None = None
+    service_account: str | None = None
+    # A TPU to use by name: reused when it exists and is READY, created under that name otherwise.
+    # null: one TPU per job, named vl-<sweep id>-<job>.
+    tpu_name: str | None = None
+    # delete | keep: what to do with the TPU after the job. Default: delete the TPUs the launcher
+    # made, keep one named by tpu_name.
+    teardown: str | None = None
+    ready_timeout_s: int | None = None  # how long to wait for READY / ACTIVE
+    max_retries: int | None = None  # recreations after a preemption; other failures are never retried
+    ssh_user: str | None = None  # default: your user name on this machine
+    ssh_port: int | None = None
+    ssh_key_dir: str | None = None  # default: <runs_root>/.ssh (an ed25519 key made once)
+    python: str | None = None  # the interpreter on the TPU hosts
+    workdir: str | None = None  # where each host unpacks the code and runs
+    stop_grace_s: int | None = None  # SIGTERM to SIGKILL on the hosts, when a job is stopped
+    poll_s: float | None = None  # seconds between API polls while a job runs
+    api_endpoint: str | None = None  # default: the real Cloud TPU API
+    # Emulation (tests, a laptop): the hosts are not TPUs, so JAX is given an explicit coordinator
+    # (host 0) and `cpu_devices_per_host` CPU devices per process, and the GCS emulator settings of
+    # this process (STORAGE_EMULATOR_HOST, ...) are passed on to the hosts.
+    emulated: bool | None = None
+    cpu_devices_per_host: int | None = None
+    labels: Any = None  # extra labels on the TPU
+    worker_env: Any = None  # extra environment variables for the trainer on every host
+
+
+@dataclass
+class TpuVmBackend(TpuBackend):
+    name: str = "tpu_vm"
+
+
 # Values used when neither the backend config nor the site profile sets a field.
 SITE_FALLBACKS: dict[str, dict[str, Any]] = {
     "local": {"tasks_per_node": 1, "cpus_per_task": 1, "gpus_per_node": 0},
@@ -87,7 +138,31 @@ SITE_FALLBACKS: dict[str, dict[str, Any]] = {
     },
 }
 
-BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackend, "slurm": SlurmBackend}
+_TPU_FALLBACKS: dict[str, Any] = {
+    "runtime_version": "tpu-ubuntu2204-base",
+    "capacity": "on_demand",
+    "queued": False,
+    "ready_timeout_s": 1800,
+    "max_retries": 3,
+    "ssh_port": 22,
+    "python": "python3",
+    "workdir": "/tmp/vlaunch",
+    "stop_grace_s": 60,
+    "poll_s": 10.0,
+    "emulated": False,
+    "cpu_devices_per_host": 1,
+    "labels": {},
+    "worker_env": {},
+}
+SITE_FALLBACKS["tpu_vm"] = {**_TPU_FALLBACKS, "accelerator_type": "v4-8"}
+SITE_FALLBACKS["tpu_pod"] = {**_TPU_FALLBACKS, "accelerator_type": "v4-16"}
+
+BACKEND_SCHEMAS: dict[str, type] = {
+    "local": LocalBackend,
+    "slurm": SlurmBackend,
+    "tpu_vm": TpuVmBackend,
+    "tpu_pod": TpuBackend,
+}
 
 
 def backend_fields(name: str) -> list[str]:
@@ -111,3 +186,5 @@ def register_configs() -> None:
         module = importlib.import_module(spec.config_module)  # torch-free by contract
         cs.store(name=f"{family}_trainer_schema", node=module.optional_schema(module.TrainConfig))
     cs.store(name="slurm_backend_schema", node=SlurmBackend)
+    cs.store(name="tpu_pod_backend_schema", node=TpuBackend)
+    cs.store(name="tpu_vm_backend_schema", node=TpuVmBackend)

@@ -186,6 +186,36 @@ def run_local(plan: SweepPlan, reg: registry.Registry, poll_s: float, num_of=Non
     return backend.submit(plan, poll_s=min(poll_s, 1.0), on_change=on_change)
 
 
+def run_tpu(plan: SweepPlan, reg: registry.Registry, num_of=None) -> list[JobResult]:
+    """Run a plan on a TPU backend (blocking), recording each job's TPU and end in the registry.
+
+    `num_of` maps the plan's job numbers to the registry's, as for `run_local`."""
+    num_of = num_of or {j.num: j.num for j in plan.jobs}
+    sweep_id = plan.sweep_id
+    run_dirs = {j.num: j.run_dir for j in plan.jobs}
+
+    def on_change(num: int, state: str, handle: str | None, code: int | None) -> None:
+        if handle is not None:
+            reg.set_handles(sweep_id, {num_of[num]: handle}, state=state)
+            return
+        facts = registry.read_run_dir(run_dirs[num])
+        reg.update(
+            sweep_id,
+            [
+                registry.Observation(
+                    num=num_of[num],
+                    state=state,
+                    exit_code=code,
+                    metrics=facts.metrics,
+                    checkpoint=facts.checkpoint,
+                    tracker_run_id=facts.tracker_run_id,
+                )
+            ],
+        )
+
+    return backends.get(plan.backend).run(plan, on_change=on_change)
+
+
 def run_plan(
     plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0, registry_file: str | None = None
 ) -> int:
@@ -208,6 +238,10 @@ def run_plan(
     if plan.backend == "local":
         reg.mark(plan.sweep_id, nums, registry.PENDING)
         EXIT_STATUS = report(run_local(plan, reg, poll_s))
+        return EXIT_STATUS
+    if plan.backend.startswith("tpu_"):
+        reg.mark(plan.sweep_id, nums, registry.PENDING)
+        EXIT_STATUS = report(run_tpu(plan, reg))
         return EXIT_STATUS
     try:
         submission = backend.submit(plan)

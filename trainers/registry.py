@@ -11,6 +11,7 @@ class Family:
     tasks: tuple[str, ...]  # dataset tasks it trains on
     framework: str  # torch | jax
     config_module: str  # torch-free module with `TrainConfig`, `resolve(trainer, dataset)`
+    default_dataset: str | None = None  # `trainer=<family>` without `dataset=` means this dataset
 
 
 FAMILIES: dict[str, Family] = {

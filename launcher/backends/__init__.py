@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("local", "slurm")
+NAMES = ("local", "slurm", "tpu_vm", "tpu_pod")
 
 
 def get(name: str) -> ModuleType:
@@ -13,4 +13,4 @@ def get(name: str) -> ModuleType:
         from launcher.errors import LaunchError
 
         raise LaunchError(f"unknown backend '{name}'; choose one of: {', '.join(NAMES)}")
-    return importlib.import_module(f"launcher.backends.{name}")
+    return importlib.import_module(f"launcher.backends.{'tpu' if name.startswith('tpu_') else name}")

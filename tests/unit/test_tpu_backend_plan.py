@@ -1,0 +1,110 @@
+"""The TPU backends' pure side: settings checked on the laptop, names, host counts, worker env."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.backends import tpu
+from launcher.errors import LaunchError
+from launcher.plan import effective_backend
+
+
+def resources(**over):
+    cfg = {"name": "tpu_pod", "project": "p", "zone": "us-central2-b", "bucket": "gs://b/vl"}
+    cfg.update(over)
+    return effective_backend(cfg, {})
+
+
+def test_fallbacks_fill_a_runnable_pod():
+    r = resources()
+    assert r["accelerator_type"] == "v4-16"
+    assert r["capacity"] == "on_demand" and r["queued"] is False
+    assert r["teardown"] == "delete" and r["max_retries"] == 3
+
+
+def test_a_named_tpu_is_kept_by_default_and_a_made_one_deleted():
+    assert resources(tpu_name="mine")["teardown"] == "keep"
+    assert resources(tpu_name="mine", teardown="delete")["teardown"] == "delete"
+
+
+def test_site_profile_tpu_key_applies_to_both_tpu_backends():
+    site = {"tpu": {"project": "site-p", "zone": "z", "bucket": "gs://s"}, "tpu_vm": {"zone": "vm-zone"}}
+    vm = effective_backend({"name": "tpu_vm"}, site)
+    pod = effective_backend({"name": "tpu_pod"}, site)
+    assert (vm["project"], vm["zone"]) == ("site-p", "vm-zone")
+    assert (pod["project"], pod["zone"], pod["bucket"]) == ("site-p", "z", "gs://s")
+
+
+@pytest.mark.parametrize(
+    "over, words",
+    [
+        ({"project": None}, "backend.project is not set"),
+        ({"bucket": "/local/dir"}, "must be a gs:// URL"),
+        ({"capacity": "cheap"}, "choose one of: on_demand, spot"),
+        ({"capacity": "guaranteed"}, "backend.queued=true"),
+        ({"teardown": "sometimes"}, "choose one of: delete, keep"),
+        ({"max_retries": -1}, "0 or more"),
+        ({"name": "tpu_vm", "accelerator_type": "v4-32"}, "backend=tpu_vm is one host, but v4-32 has 4"),
+    ],
+)
+def test_bad_settings_fail_with_one_line(over, words):
+    with pytest.raises(LaunchError) as e:
+        resources(**over)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "accelerator, hosts",
+    [
+        ("v4-8", 1),
+        ("v4-16", 2),
+        ("v4-32", 4),
+        ("v5p-16", 2),
+        ("v5litepod-8", 1),
+        ("v5litepod-16", 4),
+        ("v6e-16", 4),
+    ],
+)
+def test_hosts_of_known_slices(accelerator, hosts):
+    assert tpu.hosts_of(accelerator) == hosts
+
+
+def test_hosts_of_unknown_type_is_unknown():
+    assert tpu.hosts_of("v9-1000x") is None
+
+
+def test_emulated_hosts_get_an_explicit_coordinator_and_the_emulator_settings(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    r = resources(emulated=True, cpu_devices_per_host=2, worker_env={"A": 1})
+    env = tpu.worker_env(r, 1, ["127.0.0.2", "127.0.0.3"], 4321)
+    assert env["VL_JAX_COORDINATOR"] == "127.0.0.2:4321"
+    assert (env["VL_JAX_NUM_PROCESSES"], env["VL_JAX_PROCESS_ID"], env["VL_JAX_CPU_DEVICES"]) == (
+        "2",
+        "1",
+        "2",
+    )
+    assert env["STORAGE_EMULATOR_HOST"] == "http://127.0.0.1:9" and env["A"] == "1"
+
+
+def test_real_hosts_find_their_coordinator_themselves(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    env = tpu.worker_env(resources(), 0, ["10.0.0.2", "10.0.0.3"], 8476)
+    assert not any(k.startswith("VL_JAX_") for k in env)
+    assert "STORAGE_EMULATOR_HOST" not in env
+
+
+def test_pytorch_trainers_are_refused_on_tpu(capsys):
+    import sys
+
+    from launcher.__main__ import main
+
+    argv = ["launcher", "trainer=alpro", "dataset=msrvtt", "backend=tpu_pod", "--dry-run"]
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(sys, "argv", argv)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        monkey.undo()
+    assert e.value.code == 2
+    assert "is a PyTorch trainer" in capsys.readouterr().err
