@@ -119,8 +119,12 @@ class FakeGcs:
                         f"fake-gcs-server did not answer on {self.url} within {timeout_s:g}s"
                     ) from None
                 time.sleep(0.05)
-        for bucket in self.buckets:
-            self.create_bucket(bucket)
+        try:
+            for bucket in self.buckets:
+                self.create_bucket(bucket)
+        except BaseException:
+            self.stop()  # a bad bucket name must not leave the server running
+            raise
         return self
 
     def create_bucket(self, name: str) -> None:
