@@ -52,8 +52,15 @@ Test hooks, not part of the real API (all JSON):
     GET    /_fake/requests  -> {"requests": [{method, path, query, body}, ...]} API requests in order
     DELETE /_fake/requests; POST /_fake/reset (forget all resources and requests)
 
-Run it on its own with `python -m infra.fake_tpu.server --port 8470 [--state-file PATH]`, or in a
-test process with `FakeTpuServer(FakeTpuConfig(...)).start()`. Stdlib only.
+Worker VMs (optional): `FakeTpuServer(config, workers=SshdWorkers(state_dir, port=2222))` runs a
+real sshd per worker host on the node's addresses (see `infra.fake_tpu.workers`). The server calls
+`workers.node_ready(name, ips, metadata)` on the READY transition, before READY is reported (on a
+real TPU, READY means the VMs are up), `workers.node_gone(name, "deleted")` when a delete finishes
+and `workers.node_gone(name, "preempted")` at the preempt hook; `stop()` calls `workers.close()`.
+
+Run it on its own with `python -m infra.fake_tpu.server --port 8470 [--state-file PATH]
+[--sshd-port 2222 --state-dir DIR]`, or in a test process with
+`FakeTpuServer(FakeTpuConfig(...)).start()`. Stdlib only.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -320,6 +328,7 @@ class FakeTpuState:
         self.qrs: dict[str, dict] = {}
         self.operations: dict[str, dict] = {}
         self.requests: list[dict] = []
+        self.workers: Any = None  # an optional SshdWorkers (see the module docstring)
         if state_file is not None and state_file.exists():
             saved = json.loads(state_file.read_text())
             self.nodes, self.qrs, self.operations = saved["nodes"], saved["qrs"], saved["operations"]
@@ -341,6 +350,8 @@ class FakeTpuState:
         os.replace(tmp, self.state_file)
 
     def reset(self) -> None:
+        for name in list(self.nodes):
+            self._notify_workers("node_gone", name, "deleted")
         self.nodes.clear()
         self.qrs.clear()
         self.operations.clear()
@@ -547,12 +558,24 @@ class FakeTpuState:
                 | ({"accessConfig": {"externalIp": ip}} if external else {})
                 for ip in record["ips"]
             ]
+            self._notify_workers("node_ready", name, list(record["ips"]), dict(node.get("metadata", {})))
             node["state"], node["health"] = "READY", "HEALTHY"
             self._finish_operation(record["op"], now, self._view_for_operation(name))
             record["op"] = None
         elif step == "GONE":
             del self.nodes[name]
+            self._notify_workers("node_gone", name, "deleted")
             self._finish_operation(record["op"], now, {"@type": _EMPTY_TYPE})
+
+    def _notify_workers(self, hook: str, *args: Any) -> None:
+        """Call a hook of the worker VMs, if any. A failure is reported, not raised: the node keeps
+        its state, and connecting to its workers fails, as with a VM that did not boot."""
+        if self.workers is None:
+            return
+        try:
+            getattr(self.workers, hook)(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of the "VMs" must not break the API
+            print(f"fake Cloud TPU API: workers.{hook}({args[0]}) failed: {e}", file=sys.stderr, flush=True)
 
     def get_node(self, name: str) -> dict:
         record = self.nodes.get(name)
@@ -613,6 +636,7 @@ class FakeTpuState:
         )
         node["state"] = "PREEMPTED"
         node.pop("health", None)
+        self._notify_workers("node_gone", matches[0], "preempted")
         record["due"], record["next"], record["op"] = None, None, None
         qr = self.qrs.get(node.get("queuedResource", ""))
         if qr is not None and qr["resource"]["state"]["state"] not in ("DELETING", "FAILED"):
@@ -933,8 +957,16 @@ class FakeTpuServer:
         port: int = 0,
         state_file: str | Path | None = None,
         verbose: bool = False,
+        workers: Any = None,
     ):
         self.state = FakeTpuState(config or FakeTpuConfig(), Path(state_file) if state_file else None)
+        self.state.workers = workers
+        if workers is not None:  # nodes restored from the state file: their VMs boot again
+            for name, record in self.state.nodes.items():
+                if record["resource"]["state"] == "READY":
+                    self.state._notify_workers(
+                        "node_ready", name, list(record["ips"]), dict(record["resource"].get("metadata", {}))
+                    )
         self._httpd = _Server((host, port), self.state, verbose)
         self._thread: threading.Thread | None = None
 
@@ -963,6 +995,8 @@ class FakeTpuServer:
             self._thread.join()
             self._thread = None
         self._httpd.server_close()
+        if self.state.workers is not None and hasattr(self.state.workers, "close"):
+            self.state.workers.close()
 
     def __enter__(self) -> FakeTpuServer:
         return self.start()
@@ -1030,6 +1064,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--worker-ips", type=_parse_ips, help="worker IP pool: FIRST-LAST or a,b,c")
     parser.add_argument("--endpoint-port", type=int, default=8470)
+    parser.add_argument(
+        "--sshd-port", type=int, help="run a real sshd per worker host on WORKER_IP:PORT (not 22)"
+    )
+    parser.add_argument(
+        "--state-dir", help="with --sshd-port: sshd keys, configs and logs (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--preempt-grace", type=float, default=10.0, help="with --sshd-port: seconds from SIGTERM to SIGKILL"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
 
@@ -1045,7 +1088,13 @@ def main(argv: list[str] | None = None) -> None:
         config.workers.update(args.workers)
     if args.worker_ips:
         config.worker_ips = args.worker_ips
-    server = FakeTpuServer(config, args.host, args.port, args.state_file, args.verbose)
+    workers = None
+    if args.sshd_port is not None:
+        from infra.fake_tpu.workers import SshdWorkers
+
+        state_dir = args.state_dir or tempfile.mkdtemp(prefix="fake-tpu-workers-")
+        workers = SshdWorkers(state_dir, port=args.sshd_port, grace_s=args.preempt_grace)
+    server = FakeTpuServer(config, args.host, args.port, args.state_file, args.verbose, workers=workers)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"fake Cloud TPU API listening on {server.url}", flush=True)
     try:
