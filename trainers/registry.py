@@ -27,4 +27,23 @@ FAMILIES: dict[str, Family] = {
         framework="torch",
         config_module="trainers.alpro.config",
     ),
+    "clipbert": Family(
+        module="trainers.clipbert",
+        tasks=("retrieval", "qa"),
+        framework="torch",
+        config_module="trainers.clipbert.config",
+    ),
+    "crossformer": Family(
+        module="trainers.crossformer",
+        tasks=("pretrain",),
+        framework="torch",
+        config_module="trainers.crossformer.config",
+    ),
+    "reserve": Family(
+        module="trainers.reserve",
+        tasks=("mc_qa",),
+        framework="jax",
+        config_module="trainers.reserve.config",
+        default_dataset="tvqa",
+    ),
 }

@@ -25,7 +25,10 @@ def roots(tmp_path_factory):
 
 
 def _load(root: Path, rel: str):
-    return json.loads((root / rel).read_text())
+    text = (root / rel).read_text()
+    if rel.endswith(".jsonl"):  # custom_qa: one object per line
+        return [json.loads(line) for line in text.splitlines()]
+    return json.loads(text)
 
 
 def test_every_listed_file_exists_and_the_root_is_marked_complete(roots):

@@ -1,4 +1,6 @@
-"""Config of the ClipBERT model (`ClipBertConfig`): vision, cross-modal BERT, sparse clips, task heads.
+"""Configs of the ClipBERT trainer: the model (`ClipBertConfig`: vision, cross-modal BERT, sparse clips,
+task heads) and training (`TrainConfig`, its presets, `resolve`, and `optional_schema`, the Hydra schema
+of `conf/trainer/clipbert.yaml`).
 
 No torch here: the launcher imports this module to check `trainer.*` overrides on the laptop before
 anything is submitted.
@@ -17,9 +19,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# The recursive, unknown-key-rejecting `dataclasses.replace` every family's config uses.
-# TODO(lead): move to a shared trainers/core module; imported from the first family meanwhile.
-from trainers.core.configs import replace_checked
+from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
+    AMP_CHOICES,
+    OptimConfig,
+    drop_unset,
+    merge,
+    optional_schema,
+    replace_checked,
+)
 
 SCORE_AGGREGATIONS = ("mean", "max", "lse")
 TASKS = ("retrieval", "qa", "mc", "pretrain")
@@ -234,7 +241,166 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+VIDEO_STORES = ("files", "lmdb")
+DATASET_TASKS = ("retrieval", "qa")  # the dataset tasks the trainer runs (head.task follows the dataset)
+
+
+def _upstream_optim() -> OptimConfig:
+    # src/configs/msrvtt_ret_base_resnet50.json: AdamW betas (0.9, 0.98), weight decay 1e-3 (the CNN gets
+    # the same lr and decay), grad_norm 5, linear decay after a warmup of 10% of the steps (config.py's
+    # warmup_ratio). The shared loop's schedule is a cosine down to lr * min_lr_multi (0 here).
+    return OptimConfig(
+        lr=5e-5, weight_decay=1e-3, betas=(0.9, 0.98), warmup_epochs=2.0, min_lr_multi=0.0, max_grad_norm=5.0
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The `trainer:` node of a ClipBERT job config after its preset is applied.
+
+    Defaults are upstream's MSRVTT retrieval fine-tuning (src/configs/msrvtt_ret_base_resnet50.json):
+    8 clips x 2 frames at 2 fps in training, 16 clips at test, LSE over clip scores, 448 px frames,
+    ITM with 1 negative caption per positive, lr 5e-5, 20 epochs, 16 videos per GPU, max_txt_len 100,
+    fp16 (here `amp: auto`). The `base` preset adds what the dataset's own upstream config changes.
+
+    Frames are read from video files under the dataset's media_dir (`video_store: files`) or, as
+    upstream, from an LMDB of the encoded files keyed by the path without extension (`video_store:
+    lmdb`, at `video_lmdb`, default `<data_root>/<media_dir>.lmdb`; build it with
+    `python -m trainers.clipbert.lmdb_pack <video_dir> <out.lmdb>`).
+    """
+
+    family: str = "clipbert"
+    preset: str = "base"
+    model: ClipBertConfig = field(default_factory=ClipBertConfig)
+    optim: OptimConfig = field(default_factory=_upstream_optim)
+    epochs: int = 20  # 0: evaluate `pretrained` without training
+    batch_size: int = 16  # videos per process
+    batch_size_test: int = 16
+    num_workers: int = 4
+    amp: str = "auto"  # upstream trains with Apex O2 fp16
+    target_fps: float = 2.0  # upstream `fps`: a clip of frames_per_clip frames spans frames_per_clip/fps s
+    max_txt_len: int | None = None  # tokens per text; null: the dataset's max_txt_l
+    # QA: up to this many questions of one video share one decoded video in a batch (upstream's
+    # max_n_example_per_group; 1 = one item per question).
+    max_n_example_per_group: int = 1
+    video_store: str = "files"
+    video_lmdb: str | None = None
+    pretrained: str | None = None  # upstream (`clipbert_image_text_pretrained.pt`) or our own checkpoint
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    eval_split: str = "test"
+    torch_threads: int | None = None
+
+
+# What upstream's src/configs/<dataset>_base_resnet50.json changes from the defaults above (the `base`
+# preset). DiDeMo accumulates 4 batches of 8; the shared loop has no accumulation, so a 32-video batch
+# per process stands for it (the same gradient when memory allows).
+BASE_BY_DATASET: dict[str, dict[str, Any]] = {
+    "msrvtt": {},
+    "didemo": {"batch_size": 32, "batch_size_test": 8},
+    "msrvtt_qa": {"epochs": 10, "optim": {"warmup_epochs": 1.0}},
+}
+
+# `tiny` is the CPU demo and the tests' model: the tiny model (MODEL_PRESETS), 2 clips x 2 frames at
+# 4 fps (a clip spans half a second of the 2-second sample videos), 4 clips at test; all the questions
+# of a video share its decoded clips.
+PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "tiny": {
+        "model": {**MODEL_PRESETS["tiny"], "head": {"num_labels": 1}},
+        "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 0.5, "min_lr_multi": 0.05,
+                  "max_grad_norm": 5.0},
+        "epochs": 6,
+        "batch_size": 16,
+        "batch_size_test": 32,
+        "num_workers": 1,
+        "amp": "off",
+        "target_fps": 4.0,
+        "max_n_example_per_group": 4,
+    },
+}  # fmt: skip
+
+
+def preset_for(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
+    """`auto`: tiny on the generated sample data, base (upstream) when data_root points at real data."""
+    preset = trainer.get("preset") or "auto"
+    if preset == "auto":
+        return "tiny" if dataset.get("data_root") is None else "base"
+    if preset not in PRESETS:
+        raise ValueError(f"trainer.preset={preset!r}; valid: auto, {', '.join(PRESETS)}")
+    return preset
+
+
+def _ints(values: Any) -> Any:
+    # The Hydra schema types tuples as list[float]; ResNet depths and widths are ints.
+    return tuple(int(v) for v in values) if values is not None else None
+
+
+def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConfig:
+    """The effective training config: defaults <- preset (base: + the dataset's upstream config) <-
+    explicit (non-null) values; the head's task follows the dataset's. Raises ValueError naming the
+    valid keys or values when something is wrong.
+    """
+    preset = preset_for(trainer, dataset)
+    explicit = drop_unset({k: v for k, v in trainer.items() if k not in ("family", "preset")})
+    if "optim" in explicit and "betas" in explicit["optim"]:
+        explicit["optim"]["betas"] = tuple(explicit["optim"]["betas"])
+    vision = explicit.get("model", {}).get("vision", {})
+    for key in ("depths", "hidden_sizes"):
+        if key in vision:
+            vision[key] = _ints(vision[key])
+    task = str(dataset.get("task"))
+    if task not in DATASET_TASKS:
+        raise ValueError(f"dataset.task={task!r}: ClipBERT trains {', '.join(DATASET_TASKS)} datasets")
+    asked = explicit.get("model", {}).get("head", {}).get("task")
+    if asked is not None and asked != task:
+        raise ValueError(
+            f"trainer.model.head.task={asked!r} but dataset {dataset.get('name')} is a {task} dataset; "
+            "leave head.task unset (it follows the dataset)"
+        )
+    values = PRESETS[preset]
+    if preset == "base":
+        values = merge(values, BASE_BY_DATASET.get(str(dataset.get("name")), {}))
+    values = merge(merge(values, {"model": {"head": {"task": task}}}), explicit)
+    values["preset"] = preset
+    config = replace_checked(TrainConfig(), values, "trainer")
+    config.model.__post_init__()  # tuples back, then validate
+    if config.amp not in AMP_CHOICES:
+        raise ValueError(f"trainer.amp={config.amp!r}; valid: {', '.join(AMP_CHOICES)}")
+    if config.video_store not in VIDEO_STORES:
+        raise ValueError(f"trainer.video_store={config.video_store!r}; valid: {', '.join(VIDEO_STORES)}")
+    if not config.target_fps > 0:
+        raise ValueError(f"trainer.target_fps must be > 0, got {config.target_fps}")
+    if config.max_txt_len is not None and config.max_txt_len < 2:
+        raise ValueError(f"trainer.max_txt_len must be >= 2 ([CLS] and [SEP]), got {config.max_txt_len}")
+    if config.max_n_example_per_group < 1:
+        raise ValueError(
+            f"trainer.max_n_example_per_group must be >= 1, got {config.max_n_example_per_group}"
+        )
+    if config.epochs < 0 or config.batch_size < 1 or config.batch_size_test < 1:
+        raise ValueError(
+            "trainer.epochs must be >= 0 (0: evaluate only), trainer.batch_size and batch_size_test >= 1"
+        )
+    if task == "retrieval" and config.batch_size < 2 and config.epochs > 0:
+        raise ValueError(
+            "trainer.batch_size must be >= 2 for retrieval: ITM negatives come from other videos"
+        )
+    return config
+
+
 __all__ = [
+    "BASE_BY_DATASET",
+    "DATASET_TASKS",
+    "PRESETS",
+    "TrainConfig",
+    "VIDEO_STORES",
+    "optional_schema",
+    "preset_for",
+    "resolve",
     "INPUT_FORMATS",
     "MODEL_PRESETS",
     "QA_LOSSES",

@@ -75,7 +75,8 @@ def optional_schema(cls: type, name: str | None = None) -> type:
             sub = optional_schema(hint)
             fields.append((f.name, sub, field(default_factory=sub)))
         elif typing.get_origin(hint) is tuple:
-            fields.append((f.name, list[float] | None, field(default=None)))
+            element = typing.get_args(hint)[0]  # tuple[float, float] / tuple[str, ...]: one element type
+            fields.append((f.name, list[element] | None, field(default=None)))
         else:
             fields.append((f.name, hint | None if hint is not Any else Any, field(default=None)))
     return dataclasses.make_dataclass(name or f"Optional{cls.__name__}", fields)

@@ -185,8 +185,11 @@ def video_info(path: str | os.PathLike) -> tuple[int, float | None]:
 
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
     name = os.fspath(path)
+    # An in-memory video (a file object that names itself through __fspath__, e.g. ClipBERT's LMDB store)
+    # is decoded from its bytes; anything else is a path.
+    source = path if hasattr(path, "read") else name
     try:
-        container = av.open(name, mode="r")
+        container = av.open(source, mode="r")
     except (av.FFmpegError, OSError) as e:
         raise VideoReadError(f"cannot open video {name}: {getattr(e, 'strerror', None) or e}") from e
     if not container.streams.video:

@@ -1,4 +1,5 @@
-"""Model config of the crossformer trainer (`CrossformerConfig`).
+"""Configs of the crossformer trainer: the model (`CrossformerConfig`) and training (`TrainConfig`, its
+presets, `resolve`, and `optional_schema`, the Hydra schema of `conf/trainer/crossformer.yaml`).
 
 No torch here: the launcher imports this module to check `trainer.*` overrides on the laptop.
 
@@ -27,7 +28,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.core.configs import replace_checked
+from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
+    AMP_CHOICES,
+    OptimConfig,
+    drop_unset,
+    merge,
+    optional_schema,
+    replace_checked,
+)
 
 
 @dataclass
@@ -338,13 +346,133 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+# The tokenizer the seed names (`--tokenizer_name`); a hub name, read from the local HF cache only.
+UPSTREAM_TOKENIZER = "microsoft/deberta-v2-xlarge"
+# AudioSet's fbank statistics, which AudioMAE / AST normalise with as (fbank - mean) / (2 * std).
+AUDIOSET_FBANK_MEAN = -4.2677393
+AUDIOSET_FBANK_STD = 4.5689974
+
+
+def _upstream_optim() -> OptimConfig:
+    # The seed's train.py under HF Trainer: lr 2e-5, warmup_ratio 0.1 of 50 epochs, cosine to 0, and the
+    # Trainer's defaults for the rest (AdamW betas (0.9, 0.999), weight decay 0, gradient-norm clip 1.0).
+    return OptimConfig(
+        lr=2e-5, weight_decay=0.0, betas=(0.9, 0.999), warmup_epochs=5.0, min_lr_multi=0.0, max_grad_norm=1.0
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The `trainer:` node of a crossformer job config after its preset is applied.
+
+    Defaults are the seed's `train.py` command line: 4 samples per GPU, 50 epochs, lr 2e-5 with 10%
+    warmup and a cosine decay, fp16, 16 frames from a window of 16 x 4 frames (`frame_sample_rate`),
+    kaldi fbank audio (128 mel bins, 992 frames) and the DeBERTa-v2 tokenizer.
+    """
+
+    family: str = "crossformer"
+    preset: str = "base"
+    model: CrossformerConfig = field(default_factory=CrossformerConfig)
+    optim: OptimConfig = field(default_factory=_upstream_optim)
+    epochs: int = 50  # 0: evaluate `pretrained` without training
+    batch_size: int = 4  # per process (the seed's per_device_train_batch_size)
+    batch_size_test: int = 4  # videos per batch at evaluation; pairs are scored in chunks of 16x this
+    num_workers: int = 4
+    amp: str = "fp16"  # the seed's --fp16 True; auto: bf16 where the GPU has it
+    frame_sample_rate: int = 4  # the seed's sample_frame_indices(clip_len=num_frames, frame_sample_rate=4)
+    # Audio: kaldi fbank (25 ms hanning windows, 10 ms shift) normalised as (x - mean) / (2 * std).
+    fbank_mean: float = AUDIOSET_FBANK_MEAN
+    fbank_std: float = AUDIOSET_FBANK_STD
+    # Used when dataset.tokenizer is null and the data root ships no vocab.txt.
+    tokenizer: str = UPSTREAM_TOKENIZER
+    # Evaluation draws MAE masks too (seeded per video): the crossformer only ever sees the visible
+    # patches in pretraining. False: the encoders see every patch.
+    eval_masks: bool = True
+    pretrained: str | None = None  # our checkpoint, the seed's (HF Trainer) or the model cards' weights
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    eval_split: str = "validation"
+    torch_threads: int | None = None
+
+
+# `tiny` is the CPU demo: a model of about 1M parameters on 32 px frames and 16-bin, 64-frame fbanks.
+PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "tiny": {
+        # Contrastive features from the encoders (the seed's option; its default reads the fused ones):
+        # from scratch on a CPU budget the dual-encoder features learn retrieval, the fused ones not yet.
+        "model": {**MODEL_PRESETS["tiny"], "video": {**MODEL_PRESETS["tiny"]["video"], "mask_ratio": 0.5},
+                  "contrastive_loss_before_fusion": True},
+        "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 0.5, "min_lr_multi": 0.05,
+                  "max_grad_norm": 1.0},
+        "epochs": 12,
+        "batch_size": 16,
+        "batch_size_test": 32,
+        "num_workers": 0,
+        "amp": "off",
+        "frame_sample_rate": 2,
+    },
+}  # fmt: skip
+
+TASKS = ("pretrain",)
+
+
+def preset_for(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
+    """`auto`: tiny on the generated sample data, base (the seed's) when data_root points at real data."""
+    preset = trainer.get("preset") or "auto"
+    if preset == "auto":
+        return "tiny" if dataset.get("data_root") is None else "base"
+    if preset not in PRESETS:
+        raise ValueError(f"trainer.preset={preset!r}; valid: auto, {', '.join(PRESETS)}")
+    return preset
+
+
+def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConfig:
+    """The effective training config: defaults <- preset <- explicit (non-null) values. Raises
+    ValueError naming the valid keys or values when something is wrong (dataset sample limits too)."""
+    preset = preset_for(trainer, dataset)
+    explicit = drop_unset({k: v for k, v in trainer.items() if k not in ("family", "preset")})
+    if "optim" in explicit and "betas" in explicit["optim"]:
+        explicit["optim"]["betas"] = tuple(explicit["optim"]["betas"])
+    if "pos_att_type" in explicit.get("model", {}).get("text", {}):
+        explicit["model"]["text"]["pos_att_type"] = tuple(explicit["model"]["text"]["pos_att_type"])
+    values = merge(PRESETS[preset], explicit)
+    values["preset"] = preset
+    config = replace_checked(TrainConfig(), values, "trainer")
+    config.model.validate()
+    if config.amp not in AMP_CHOICES:
+        raise ValueError(f"trainer.amp={config.amp!r}; valid: {', '.join(AMP_CHOICES)}")
+    if config.epochs < 0 or config.batch_size < 1 or config.batch_size_test < 1:
+        raise ValueError(
+            "trainer.epochs must be >= 0 (0: evaluate only), trainer.batch_size and batch_size_test >= 1"
+        )
+    if config.frame_sample_rate < 1:
+        raise ValueError(f"trainer.frame_sample_rate must be >= 1, got {config.frame_sample_rate}")
+    if not config.fbank_std > 0:
+        raise ValueError(f"trainer.fbank_std must be > 0, got {config.fbank_std}")
+    for key in ("max_train_samples", "max_eval_samples"):
+        limit = dataset.get(key)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"dataset.{key} must be a whole number >= 1 or null (all rows), got {limit!r}")
+    return config
+
+
 __all__ = [
     "AudioConfig",
     "CrossformerConfig",
     "FusionConfig",
     "LossWeights",
     "MODEL_PRESETS",
+    "PRESETS",
     "TextConfig",
+    "TrainConfig",
     "UPSTREAM_LOSS_WEIGHTS",
+    "UPSTREAM_TOKENIZER",
     "VideoConfig",
+    "optional_schema",
+    "resolve",
 ]

@@ -166,6 +166,50 @@ def vtm_shuffle(
     return order, (order == torch.arange(batch, device=device)).long()
 
 
+def make_video_mask(
+    config: CrossformerConfig, batch: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """Tube mask (batch, num_video_tokens), per video or one for the batch (video.mask_same_for_batch)."""
+    v = config.video
+    grid = v.image_size // v.patch_size
+    return tube_mask(
+        batch, v.num_frames, v.tubelet_size, grid, v.mask_ratio, v.mask_same_for_batch, generator, device
+    )
+
+
+def make_audio_mask(
+    config: CrossformerConfig, batch: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """Random patch mask (batch, num_audio_patches), one per sample, as ViT-MAE."""
+    a = config.audio
+    n = (a.num_mel_bins // a.patch_size) * (a.target_length // a.patch_size)
+    return random_patch_mask(batch, n, mae_num_masked(n, a.mask_ratio), False, generator, device)
+
+
+def mask_tokens(
+    config: CrossformerConfig,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking at text.mlm_probability of the non-special, non-padding tokens: 80% -> [MASK],
+    10% -> a random token, 10% unchanged. Returns (input ids, labels with -100 where not predicted)."""
+    t = config.text
+    ids, labels = text_ids.clone(), text_ids.clone()
+    chosen = _rand(ids.shape, generator, ids.device) < t.mlm_probability
+    for special in (t.pad_token_id, t.cls_token_id, t.sep_token_id):
+        chosen &= ids != special
+    if text_mask is not None:
+        chosen &= text_mask.bool()
+    labels[~chosen] = -100
+    replace = _rand(ids.shape, generator, ids.device)
+    ids[chosen & (replace < 0.8)] = t.mask_token_id
+    randomise = chosen & (replace >= 0.8) & (replace < 0.9)
+    random_ids = (_rand(ids.shape, generator, ids.device) * t.vocab_size).long().clamp(max=t.vocab_size - 1)
+    ids[randomise] = random_ids[randomise]
+    return ids, labels
+
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
@@ -527,25 +571,13 @@ class Crossformer(nn.Module):
         self, batch: int, generator: torch.Generator | None = None, device=None
     ) -> torch.Tensor:
         """Tube mask (batch, num_video_tokens), per video or one for the batch (video.mask_same_for_batch)."""
-        v = self.config.video
-        return tube_mask(
-            batch,
-            v.num_frames,
-            v.tubelet_size,
-            v.image_size // v.patch_size,
-            v.mask_ratio,
-            v.mask_same_for_batch,
-            generator,
-            device,
-        )
+        return make_video_mask(self.config, batch, generator, device)
 
     def make_audio_mask(
         self, batch: int, generator: torch.Generator | None = None, device=None
     ) -> torch.Tensor:
         """Random patch mask (batch, num_audio_patches), one per sample, as ViT-MAE."""
-        n = self.num_audio_patches
-        count = mae_num_masked(n, self.config.audio.mask_ratio)
-        return random_patch_mask(batch, n, count, False, generator, device)
+        return make_audio_mask(self.config, batch, generator, device)
 
     def mask_tokens(
         self,
@@ -553,24 +585,8 @@ class Crossformer(nn.Module):
         text_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT masking at text.mlm_probability of the non-special, non-padding tokens: 80% -> [MASK],
-        10% -> a random token, 10% unchanged. Returns (input ids, labels with -100 where not predicted)."""
-        t = self.config.text
-        ids, labels = text_ids.clone(), text_ids.clone()
-        chosen = _rand(ids.shape, generator, ids.device) < t.mlm_probability
-        for special in (t.pad_token_id, t.cls_token_id, t.sep_token_id):
-            chosen &= ids != special
-        if text_mask is not None:
-            chosen &= text_mask.bool()
-        labels[~chosen] = -100
-        replace = _rand(ids.shape, generator, ids.device)
-        ids[chosen & (replace < 0.8)] = t.mask_token_id
-        randomise = chosen & (replace >= 0.8) & (replace < 0.9)
-        random_ids = (
-            (_rand(ids.shape, generator, ids.device) * t.vocab_size).long().clamp(max=t.vocab_size - 1)
-        )
-        ids[randomise] = random_ids[randomise]
-        return ids, labels
+        """BERT masking (see the module function `mask_tokens`)."""
+        return mask_tokens(self.config, text_ids, text_mask, generator)
 
     def _check_shapes(self, audio: torch.Tensor, video: torch.Tensor) -> None:
         a, v = self.config.audio, self.config.video
@@ -739,6 +755,66 @@ class Crossformer(nn.Module):
         )
         return loss / 2
 
+    # -- evaluation: encoders once per item, the crossformer once per (text, clip) pair ----------------
+
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The text encoder's states (B, L, text width)."""
+        return self.text.deberta(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
+
+    def encode_audio(self, audio: torch.Tensor, audio_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The audio encoder's states (B, 1 + visible patches, audio width); every patch when audio_mask
+        is None (ViT-MAE masks by its config's ratio, set to 0 for the call)."""
+        if audio_mask is not None:
+            return self.audio.vit(audio, noise=self._audio_noise(audio_mask)).last_hidden_state
+        config = self.audio.vit.embeddings.config
+        ratio, config.mask_ratio = config.mask_ratio, 0.0
+        try:
+            return self.audio.vit(audio).last_hidden_state
+        finally:
+            config.mask_ratio = ratio
+
+    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The video encoder's states (B, visible tokens, video width); every token when video_mask is None."""
+        mask = video_mask.bool() if video_mask is not None else None
+        return self.video.videomae(video, bool_masked_pos=mask).last_hidden_state
+
+    def pair_scores(
+        self,
+        audio_states: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        video_states: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Scores of aligned rows: row i fuses audio i, text i and video i (encoder states).
+
+        "similarity" (B,): cosine of the contrastive features, as the loss reads them (fused, or from the
+        encoders with contrastive_loss_before_fusion); "vtm" (B,): the VTM head's match-minus-mismatch
+        logit. Each is present when its objective's weight is > 0.
+        """
+        cfg, b = self.config, text_states.shape[0]
+        ones = torch.ones(b, 1, dtype=torch.bool, device=text_states.device)
+        fused = self.fusion([
+            (self.to_fusion["audio"](audio_states), ones.expand(-1, audio_states.shape[1]), AUDIO),
+            (self.to_fusion["text"](text_states), text_mask.bool(), TEXT),
+            (self.to_fusion["video"](video_states), ones.expand(-1, video_states.shape[1]), VIDEO),
+        ])  # fmt: skip
+        fusion_cls = fused.pop(0) if self.fusion.cls_token is not None else None
+        _, fused_text, fused_video = fused
+        out = {}
+        if self.vtm_head is not None:
+            vt_cls = fused_text[:, 0] if cfg.use_t_cls_to_vt_m else fusion_cls[:, 0]
+            logits = _upcast(self.vtm_head(vt_cls))
+            out["vtm"] = logits[:, 1] - logits[:, 0]
+        if self.video_proj is not None:
+            if cfg.contrastive_loss_before_fusion:
+                video_feat, text_feat = video_states.mean(1), text_states[:, 0]
+            else:
+                video_feat, text_feat = fused_video.mean(1), fused_text[:, 0]
+            v = F.normalize(_upcast(self.video_proj(video_feat)), dim=-1)
+            t = F.normalize(_upcast(self.text_proj(text_feat)), dim=-1)
+            out["similarity"] = (v * t).sum(-1)
+        return out
+
 
 def _mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the predicted tokens; 0 (not NaN) when none is masked."""
@@ -760,6 +836,9 @@ __all__ = [
     "VideoConfig",
     "audio_pixel_targets",
     "build_audio_mae",
+    "make_audio_mask",
+    "make_video_mask",
+    "mask_tokens",
     "build_text_model",
     "build_video_mae",
     "random_patch_mask",

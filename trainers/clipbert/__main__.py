@@ -1,0 +1,3 @@
+from trainers.clipbert.train import main
+
+main()

@@ -1,0 +1,3 @@
+from trainers.crossformer.train import main
+
+main()
