@@ -16,7 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.core.configs import replace_checked
+from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
+    drop_unset,
+    merge,
+    optional_schema,
+    replace_checked,
+)
 
 # Special token ids of upstream's lowercase BPE vocabulary (mreserve/lowercase_encoder.py).
 PADDING, START, END, MASK, MASKAUDIO, AUDIOSPAN, LTOVPOOL = 0, 1, 2, 3, 4, 5, 6
@@ -254,8 +259,127 @@ TASK_OVERRIDES: dict[str, dict[str, Any]] = {
     },
 }
 
+# --------------------------------------------------------------------------------------------------
+# Training (the `trainer:` node of conf/trainer/reserve.yaml)
+# --------------------------------------------------------------------------------------------------
+
+# Multiple-choice QA finetuning: how many answers each dataset's questions have.
+TASKS = {"tvqa": 5, "siq2": 2}
+ON_BAD_INPUT = ("skip", "fail")
+
+
+@dataclass
+class ReserveOptim:
+    """AdamW as upstream's finetuning (finetune/optimization.py): beta2 0.98, eps 1e-6, weight decay 0.1
+    on matrices only, linear warmup then linear decay to 0. (Upstream decays towards the pretrained
+    weights, `subtract_old_weights`; here decay is towards 0.)"""
+
+    lr: float = 5e-6
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_epochs: float = 0.5
+    max_grad_norm: float = -1.0  # <= 0: no clipping
+
+
+@dataclass
+class TrainConfig:
+    """The `trainer:` node of a Reserve job config after its preset is applied.
+
+    Defaults are upstream's TVQA finetuning (finetune/tvqa/tvqa_finetune.py): the base model with the
+    dataset's task changes, 3 epochs, a global batch of 32 (split over every device of every host).
+    """
+
+    family: str = "reserve"
+    preset: str = "base"
+    model: ReserveConfig = field(default_factory=lambda: ReserveConfig.preset("base", "tvqa"))
+    optim: ReserveOptim = field(default_factory=ReserveOptim)
+    epochs: int = 3
+    batch_size: int = 32  # global: over every device of every host (the data axis of the mesh)
+    batch_size_eval: int = 32
+    segment_seconds: float = 4.667  # upstream's segment length for TVQA and SiQ2 (7 segments = 32.7 s)
+    pretrained: str | None = None  # upstream fp16 flax checkpoint (file or ckpt_<step> dir)
+    resume_from: str | None = None  # an Orbax checkpoints dir (its latest step) or one step dir in it
+    save_every: int = 0  # steps between checkpoints; 0: only at the end and on a stop signal
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True  # upload while training goes on
+    on_bad_input: str = "skip"  # prep: skip a malformed input (reported with file and line) or fail
+    log_every: int = 10
+    eval_split: str = "val"  # "none": no evaluation (metrics.json then only has the training figures)
+
+
+# `tiny` is the CPU demo and the tests' model: 3 segments of 2 s, 16x16 px frames, 40 language tokens.
+PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "large": {"model": MODEL_PRESETS["large"]},
+    "tiny": {
+        "model": merge(
+            MODEL_PRESETS["tiny"],
+            {
+                "vocab_size": 128,
+                "segments": {"num_segments": 3, "num_segment_groups": 1, "lang_seq_len": 40},
+            },
+        ),
+        "optim": {"lr": 2e-3, "weight_decay": 0.01, "warmup_epochs": 0.5, "max_grad_norm": 1.0},
+        "epochs": 8,
+        "batch_size": 8,
+        "batch_size_eval": 16,
+        "segment_seconds": 2.0,
+    },
+}
+
+
+def preset_for(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
+    """`auto`: tiny on the generated sample data, base (upstream) when data_root points at real data."""
+    preset = trainer.get("preset") or "auto"
+    if preset == "auto":
+        return "tiny" if dataset.get("data_root") is None and not dataset.get("records") else "base"
+    if preset not in PRESETS:
+        raise ValueError(f"trainer.preset={preset!r}; valid: auto, {', '.join(PRESETS)}")
+    return preset
+
+
+def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConfig:
+    """The effective training config: defaults <- preset (+ the dataset's upstream task changes) <-
+    explicit (non-null) values. Raises ValueError naming the valid keys or values when something is wrong.
+    """
+    name = str(dataset.get("name"))
+    if name not in TASKS:
+        raise ValueError(f"dataset {name!r}: the reserve trainer finetunes on {sorted(TASKS)}")
+    preset = preset_for(trainer, dataset)
+    explicit = drop_unset({k: v for k, v in trainer.items() if k not in ("family", "preset")})
+    if "optim" in explicit and "betas" in explicit["optim"]:
+        explicit["optim"]["betas"] = tuple(float(b) for b in explicit["optim"]["betas"])
+    grid = explicit.get("model", {}).get("vision", {}).get("output_grid")
+    if grid is not None:
+        explicit["model"]["vision"]["output_grid"] = tuple(int(g) for g in grid)
+    # The model: the preset's, with the task's changes for upstream sizes (tiny keeps its small layout).
+    model = ReserveConfig.preset("tiny" if preset == "tiny" else preset, None if preset == "tiny" else name)
+    values = merge(PRESETS[preset], explicit)
+    values["model"] = merge(values.get("model", {}), {"num_answers": TASKS[name]})
+    values["model"] = merge(values["model"], explicit.get("model", {}))
+    config = replace_checked(TrainConfig(model=model), values | {"preset": preset}, "trainer")
+    config.model.validate()
+    if config.on_bad_input not in ON_BAD_INPUT:
+        raise ValueError(f"trainer.on_bad_input={config.on_bad_input!r}; valid: {', '.join(ON_BAD_INPUT)}")
+    if config.epochs < 0 or config.batch_size < 1 or config.batch_size_eval < 1:
+        raise ValueError("trainer.epochs must be >= 0 and trainer.batch_size, batch_size_eval >= 1")
+    if config.save_every < 0 or config.keep_checkpoints < 1 or config.log_every < 1:
+        raise ValueError("trainer.save_every must be >= 0, keep_checkpoints and log_every >= 1")
+    if config.segment_seconds <= 0:
+        raise ValueError(f"trainer.segment_seconds must be > 0, got {config.segment_seconds}")
+    return config
+
+
 __all__ = [
     "AUDIOSPAN",
+    "PRESETS",
+    "ReserveOptim",
+    "TASKS",
+    "TrainConfig",
+    "optional_schema",
+    "preset_for",
+    "resolve",
     "AudioConfig",
     "END",
     "JointConfig",

@@ -1,0 +1,173 @@
+"""The Reserve trainer as real processes: a tiny run learns; 2 JAX processes on CPU (explicit coordinator,
+gloo) with checkpoints on the fake GCS survive a SIGTERM and end with the parameters of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainers.core.job import REQUEUE_EXIT_CODE
+from trainers.reserve import data, prep
+from trainers.reserve.config import resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private sample-data cache with the tvqa records prepared once (no jax needed for that)."""
+    path = tmp_path_factory.mktemp("sample_cache")
+    old = os.environ.get("VLAUNCH_DATA_CACHE")
+    os.environ["VLAUNCH_DATA_CACHE"] = str(path)
+    try:
+        dataset = {"name": "tvqa", "data_root": None, "sample_scale": 1.0}
+        cfg = resolve({"preset": "tiny"}, dataset)
+        data.sample_records(dataset, cfg, prep.Layout.of(cfg))
+    finally:
+        if old is None:
+            os.environ.pop("VLAUNCH_DATA_CACHE")
+        else:
+            os.environ["VLAUNCH_DATA_CACHE"] = old
+    return path
+
+
+def write_config(run_dir: Path, trainer: dict, output_url: str | None = None) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "job": {"sweep_id": "test", "num": 0, "name": "reserve", "run_dir": str(run_dir)},
+        "seed": 3,
+        "tracker": {},
+        "trainer": {"family": "reserve", "preset": "auto", **trainer},
+        "dataset": {"name": "tvqa", "task": "mc_qa", "data_root": None, "sample_scale": 1.0, "records": None},
+    }
+    if output_url:
+        job["job"]["output_url"] = output_url
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def env_for(cache: Path, extra: dict | None = None) -> dict[str, str]:
+    env = dict(os.environ, VLAUNCH_DATA_CACHE=str(cache), PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = (
+        "true"  # compile time dominates on CPU; numerics stay deterministic
+    )
+    env.update(extra or {})
+    return env
+
+
+class Pod:
+    """N trainer processes joined through an explicit coordinator, like the hosts of a TPU pod."""
+
+    def __init__(self, config: Path, cache: Path, gcs_env: dict, n: int = 2, tag: str = "run") -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.logs = [config.parent / f"{tag}.process{i}.log" for i in range(n)]
+        self.procs = []
+        for i in range(n):
+            extra = gcs_env | {
+                "VL_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                "VL_JAX_NUM_PROCESSES": str(n),
+                "VL_JAX_PROCESS_ID": str(i),
+                "VL_JAX_CPU_DEVICES": "2",
+            }
+            with open(self.logs[i], "wb") as log:
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "trainers.reserve", str(config)],
+                        cwd=ROOT, env=env_for(cache, extra), stdout=log, stderr=subprocess.STDOUT,
+                    )
+                )  # fmt: skip
+
+    def log(self, i: int) -> str:
+        return self.logs[i].read_text(errors="replace")
+
+    def wait_for(self, i: int, pattern: str) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not re.search(pattern, self.log(i)):
+            if self.procs[i].poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"process {i} never logged {pattern!r}:\n{self.log(i)[-3000:]}")
+            time.sleep(0.05)
+
+    def wait(self) -> list[int]:
+        try:
+            return [p.wait(timeout=TIMEOUT_S) for p in self.procs]
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def digests(run_dir: Path, n: int) -> list[str]:
+    return [(run_dir / "status" / f"params.rank{i}.sha256").read_text().strip() for i in range(n)]
+
+
+def test_a_tiny_run_learns_tvqa_above_chance(cache, tmp_path):
+    """`python -m trainers.reserve <run_dir>/config.yaml` on the sample data, one process, as the local
+    backend starts it: prepares the records itself, trains, writes metrics.json and a checkpoint."""
+    config = write_config(tmp_path / "run", {"log_every": 20})
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.reserve", str(config)],
+        cwd=ROOT, env=env_for(cache), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = yaml.safe_load((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["chance"]["accuracy"] == 20.0 and metrics["num_questions"] == 24
+    assert metrics["headline"]["accuracy"] >= 40.0, metrics  # chance is 20: it learned from the clips
+    assert (tmp_path / "run" / "checkpoints" / str(metrics["train_steps"])).is_dir()
+    assert re.fullmatch(r"[0-9a-f]{64}", digests(tmp_path / "run", 1)[0])
+
+
+def test_two_processes_survive_sigterm_on_gcs_and_match_an_uninterrupted_run(cache, tmp_path, fake_gcs):
+    from trainers.core import storage
+
+    gcs_env = fake_gcs.env()
+    base = f"gs://vl-test/{uuid.uuid4().hex[:8]}"
+    trainer = {"epochs": 1, "log_every": 1, "save_every": 4, "eval_split": "none"}
+
+    # An uninterrupted run, and beside it the same run preempted: SIGTERM to process 1 only, mid-run.
+    straight = write_config(tmp_path / "straight", trainer, f"{base}/straight/jobs/0")
+    straight_pod = Pod(straight, cache, gcs_env, tag="straight")
+    output = f"{base}/preempted/jobs/0"
+    config = write_config(tmp_path / "preempted", trainer, output)
+    pod = Pod(config, cache, gcs_env, tag="first")
+    pod.wait_for(1, r"step 2/10 ")
+    pod.procs[1].send_signal(signal.SIGTERM)
+    assert pod.wait() == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
+    stopped = [int(re.search(r"stopped at step (\d+)", pod.log(i)).group(1)) for i in range(2)]
+    assert stopped[0] == stopped[1] and 2 <= stopped[0] < 10
+    step = stopped[0]
+    ckpts = f"{output}/checkpoints"
+    assert storage.exists(f"{ckpts}/{step}/commit_success.txt")  # committed before exiting
+    # A save cut short (no commit marker) must be ignored on resume.
+    storage.write_text(f"{ckpts}/999/state/manifest.ocdbt", "half written")
+    assert not (tmp_path / "preempted" / "metrics.json").exists()
+
+    # Restarted (the launcher recreates the TPU and runs the same command): resumes at the committed step.
+    pod = Pod(config, cache, gcs_env, tag="second")
+    assert pod.wait() == [0, 0], pod.log(0)[-3000:]
+    assert f"starting at step {step} of 10 (own checkpoint step {step})" in pod.log(0)
+    assert straight_pod.wait() == [0, 0], straight_pod.log(0)[-3000:]
+    expected = digests(tmp_path / "straight", 2)
+    assert expected[0] == expected[1]  # replicated parameters, identical on both hosts
+    assert digests(tmp_path / "preempted", 2) == expected
+    # Process 0 also published the outputs under output_url.
+    assert storage.exists(f"{output}/metrics.json")
+    assert storage.read_text(f"{output}/status/params.rank0.sha256").strip() == expected[0]

@@ -1,0 +1,3 @@
+from trainers.reserve.train import main
+
+main()

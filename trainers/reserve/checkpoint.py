@@ -1,0 +1,92 @@
+"""Orbax checkpoints of the Reserve trainer, in a local directory or on gs://.
+
+A checkpoint is one step directory `<output>/checkpoints/<step>` holding `state` (params and optimizer
+state: global jax.Arrays, written by every process, each its own shards) and `meta` (JSON: step, epoch,
+loss). Only committed steps count: on gs:// Orbax writes `commit_success.txt` last, locally it renames a
+temporary directory; a step directory without that (a save cut short) is invisible to `latest_step`.
+
+Saving is asynchronous: `save` returns once the arrays are copied off the devices, and the upload runs
+in background threads while training goes on; `wait` blocks until every started save is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("trainers.reserve.checkpoint")
+
+
+class Checkpointer:
+    def __init__(
+        self, directory: str, keep: int = 2, asynchronous: bool = True, read_only: bool = False
+    ) -> None:
+        self.directory = directory
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=asynchronous,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step (None when there is none)."""
+        self.manager.reload()
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        self.manager.reload()
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start saving `state` (a pytree of global jax.Arrays) at `step`; returns before the upload ends."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of `step`; `abstract_state` gives every leaf's shape, dtype and sharding."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        """Block until every save started so far is committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def resolve_resume_from(path: str) -> tuple[str, int]:
+    """(checkpoints dir, step) for `trainer.resume_from`: a step dir `.../<step>`, or a checkpoints dir
+    (its newest committed step). Raises FileNotFoundError naming what was looked for."""
+    path = str(path).rstrip("/")
+    name = posixpath.basename(path)
+    if re.fullmatch(r"\d+", name):
+        parent = posixpath.dirname(path)
+        steps = Checkpointer(parent, read_only=True, asynchronous=False)
+        if int(name) not in steps.all_steps():
+            raise FileNotFoundError(
+                f"trainer.resume_from={path}: step {name} is not a committed checkpoint in {parent}"
+            )
+        return parent, int(name)
+    steps = Checkpointer(path, read_only=True, asynchronous=False)
+    latest = steps.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"trainer.resume_from={path}: no committed checkpoint there")
+    return path, latest
+
+
+__all__ = ["Checkpointer", "resolve_resume_from"]
