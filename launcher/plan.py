@@ -62,7 +62,11 @@ def job_labels(overrides: list[list[str]]) -> list[str]:
     shared = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
     labels = []
     for job in overrides:
-        keep = [o for o in job if o not in shared and o.split("=")[0].lstrip("+~") not in _LAUNCH_KEYS]
+        keep = [
+            o
+            for o in job
+            if o not in shared and o.split("=")[0].lstrip("+~").split(".")[0] not in _LAUNCH_KEYS
+        ]
         labels.append(" ".join(keep) or "(defaults)")
     return labels
 

@@ -165,6 +165,10 @@ def worker_env(
         for name in _EMULATOR_ENV:
             if name in os.environ and name not in env:
                 env[name] = os.environ[name]
+        if "STORAGE_EMULATOR_HOST" in env:
+            # tensorstore (Orbax's array writer) looks for Google credentials first, and logs an error
+            # line when it has none; the emulator takes any token, as in tensorstore's own tests.
+            env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
     return env
 
 
@@ -414,6 +418,7 @@ def _run_job(plan: SweepPlan, job: JobPlan, code, on_change) -> JobResult:
                     f"  job {job.num}: {cause}; recreating the TPU (retry {retries}/{resources['max_retries']})"
                 )
                 tpu.delete(cause)
+                ssh.known_hosts.unlink(missing_ok=True)  # the new TPU's hosts have new host keys
                 continue
             failed_worker = attempt.first_failure
             bad = [c for c in attempt.codes if c != 0]
@@ -529,21 +534,21 @@ def _run_on_hosts(plan, job, resources, hosts, tpu: _Tpu, ssh, code, config_url,
 
 
 def _copy_outputs(job: JobPlan) -> None:
-    """The trainer's small result files (metrics.json, status, ...) from the bucket to the run dir."""
+    """The trainer's small result files (metrics.json, status/, ...) from the bucket to the run dir;
+    checkpoints stay in the bucket."""
     from trainers.core import storage
 
     url = job.config["job"]["output_url"]
     try:
-        fs, path = storage.filesystem(url)
-        entries = fs.ls(path, detail=True, refresh=True)
+        fs, root = storage.filesystem(url)
+        found = fs.find(root, detail=True)
     except (FileNotFoundError, OSError):
         return
-    for entry in entries:
-        if entry.get("type") != "file" or int(entry.get("size") or 0) > _OUTPUT_COPY_LIMIT:
+    scheme = url.split("://", 1)[0] + "://"
+    for path, info in found.items():
+        relative = path[len(root) :].lstrip("/")
+        if relative.startswith("checkpoints/") or relative == "config.yaml":
             continue
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if name == "config.yaml":
+        if int(info.get("size") or 0) > _OUTPUT_COPY_LIMIT:
             continue
-        storage.download(
-            f"gs://{entry['name']}" if url.startswith("gs://") else entry["name"], job.run_dir / name
-        )
+        storage.download(scheme + path, job.run_dir / relative)

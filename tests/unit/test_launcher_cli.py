@@ -15,6 +15,16 @@ TRAINERS = sorted(p.stem for p in (REPO / "conf" / "trainer").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (REPO / "conf" / "dataset").glob("*.yaml"))
 
 
+def datasets_by_task() -> dict[str, list[str]]:
+    import yaml
+
+    tasks: dict[str, list[str]] = {}
+    for name in DATASETS:
+        task = yaml.safe_load((REPO / "conf" / "dataset" / f"{name}.yaml").read_text())["task"]
+        tasks.setdefault(task, []).append(name)
+    return tasks
+
+
 def launcher(*args: str, runs: Path, check: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, VLAUNCH_RUNS=str(runs))
     proc = subprocess.run(
@@ -45,19 +55,25 @@ def check_golden(name: str, text: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["local", "slurm"])
-def test_every_trainer_dataset_combination_plans(tmp_path, backend):
-    proc = launcher(
-        "-m",
-        f"trainer={','.join(TRAINERS)}",
-        f"dataset={','.join(DATASETS)}",
-        f"backend={backend}",
-        "--dry-run",
-        runs=tmp_path,
-        check=True,
-    )
-    assert f"{len(TRAINERS) * len(DATASETS)} job(s) on {backend}" in proc.stdout
-    for dataset in DATASETS:
-        assert f"dataset={dataset}" in proc.stdout
+def test_every_trainer_plans_every_dataset_of_its_tasks(tmp_path, backend):
+    from trainers.registry import FAMILIES
+
+    assert sorted(FAMILIES) == TRAINERS, "every trainer family has a conf/trainer entry"
+    for task, datasets in datasets_by_task().items():
+        trainers = [name for name, family in FAMILIES.items() if task in family.tasks]
+        assert trainers, f"no trainer trains the {task} datasets {datasets}"
+        proc = launcher(
+            "-m",
+            f"trainer={','.join(trainers)}",
+            f"dataset={','.join(datasets)}",
+            f"backend={backend}",
+            "--dry-run",
+            runs=tmp_path,
+            check=True,
+        )
+        assert f"{len(trainers) * len(datasets)} job(s) on {backend}" in proc.stdout
+        for dataset in datasets:
+            assert f"dataset={dataset}" in proc.stdout
     assert not any(tmp_path.iterdir()), "a dry run must not write run directories"
 
 

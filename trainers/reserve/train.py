@@ -369,6 +369,7 @@ def train(config_path: str) -> int:
     stop.received = received
     setup_logging(env.process_index)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
+    logging.getLogger("fsspec").setLevel(logging.WARNING)  # and fsspec every read-ahead cache it opens
     log.info(
         "reserve on %s: process %d of %d (%s), %d local / %d global devices",
         job["dataset"]["name"], env.process_index, env.process_count, env.source, env.local_devices,

@@ -1,0 +1,186 @@
+"""`python -m launcher trainer=reserve backend=tpu_pod` end to end, with nothing faked but the TPU API.
+
+The launcher talks to the fake Cloud TPU API (infra/fake_tpu) through the real google-cloud-tpu client;
+the fake starts a real sshd per worker host on 127.0.0.2, 127.0.0.3; GCS is fake-gcs-server. On the
+hosts, the agent fetches the staged code and config and runs the Reserve trainer: two JAX processes
+on CPU with real cross-process collectives and Orbax checkpoints on the emulated gs://.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from infra.fake_tpu.server import FakeTpuConfig, FakeTpuServer
+from infra.fake_tpu.workers import SshdWorkers
+from trainers.core import storage
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 420
+PROJECT, ZONE = "test-proj", "us-central2-b"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"), reason="needs openssh-server (make sshd)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory, fake_gcs_server):
+    scratch = tmp_path_factory.mktemp("tpu-pod")
+    port = free_port()
+    workers = SshdWorkers(scratch / "workers", port=port, grace_s=60)
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        FakeTpuServer(FakeTpuConfig(create_delay_s=0.2, delete_delay_s=0.1), workers=workers) as fake,
+    ):
+        for name, value in fake_gcs_server.env().items():
+            patch.setenv(name, value)  # this process reads the bucket too
+        env = dict(os.environ)
+        env["VLAUNCH_DATA_CACHE"] = str(scratch / "cache")  # shared by the hosts: prepared once
+        env["VLAUNCH_REGISTRY"] = str(scratch / "registry.sqlite")
+        # JAX's persistent compilation cache, handed to the hosts: later runs skip the compile.
+        env["JAX_COMPILATION_CACHE_DIR"] = str(scratch / "jax-cache")
+        yield {"fake": fake, "port": port, "env": env, "scratch": scratch}
+
+
+def launch(pod, *overrides: str) -> subprocess.Popen:
+    bucket = f"gs://vl-test/pod-{uuid.uuid4().hex[:8]}"
+    args = [
+        sys.executable, "-m", "launcher", "trainer=reserve", "backend=tpu_pod",
+        f"backend.project={PROJECT}", f"backend.zone={ZONE}", f"backend.bucket={bucket}",
+        f"backend.api_endpoint={pod['fake'].url}", "backend.emulated=true",
+        f"backend.ssh_user={getpass.getuser()}", f"backend.ssh_port={pod['port']}",
+        f"backend.python={sys.executable}", "backend.poll_s=0.5", "backend.stop_grace_s=60",
+        f"backend.workdir={pod['scratch'] / 'hosts'}", "backend.capacity=spot",
+        "trainer.epochs=1", "trainer.log_every=1", "trainer.save_every=4", "trainer.eval_split=none",
+        f"runs_root={pod['scratch'] / 'runs'}",
+        f"+backend.worker_env.JAX_COMPILATION_CACHE_DIR={pod['env']['JAX_COMPILATION_CACHE_DIR']}",
+        *overrides,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=pod["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    proc.bucket = bucket
+    proc.lines = []
+    return proc
+
+
+def read_until(proc: subprocess.Popen, done, timeout_s: float = TIMEOUT_S) -> None:
+    """Read the launcher's output until `done()` is true (checked after every line) or it exits."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        line = proc.stdout.readline()
+        if not line:
+            return
+        proc.lines.append(line)
+        assert time.monotonic() < deadline, "".join(proc.lines[-50:])
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    read_until(proc, lambda: False)
+    return proc.wait(timeout=60), "".join(proc.lines)
+
+
+def output_of(proc: subprocess.Popen) -> str:
+    """The job's output URL in the bucket (sweep ids are made by the launcher)."""
+    (sweep,) = [e for e in storage.listdir(proc.bucket) if e != "code"]
+    return f"{proc.bucket}/{sweep}/jobs/0"
+
+
+def digest(url: str) -> str:
+    return storage.read_text(f"{url}/status/params.rank0.sha256").strip()
+
+
+def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninterrupted_run(pod):
+    fake = pod["fake"]
+    # The uninterrupted run.
+    straight = launch(pod)
+    code, text = finish(straight)
+    assert code == 0, text[-4000:]
+    assert "[job 0 w0]" in text and "[job 0 w1]" in text  # both hosts' logs, prefixed
+    assert "COMPLETED" in text and "0 recreation(s)" in text
+    expected = digest(output_of(straight))
+    assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")  # deleted after
+
+    # The same run, preempted through the API once a checkpoint is committed.
+    fake.clear_requests()
+    proc = launch(pod)
+    seen_node = []
+
+    def committed() -> bool:
+        if not seen_node:
+            seen_node.extend(
+                line.split("TPU ", 1)[1].split(" ", 1)[0] for line in proc.lines if "is READY" in line
+            )
+            return False
+        return any("checkpoint step 4 started" in line for line in proc.lines) and storage.exists(
+            f"{output_of(proc)}/checkpoints/4/commit_success.txt"
+        )
+
+    read_until(proc, committed)
+    assert seen_node, "".join(proc.lines[-50:])
+    fake.preempt(seen_node[0], PROJECT, ZONE)
+    code, text = finish(proc)
+    assert code == 0, text[-4000:]
+    assert "is PREEMPTED" in text and "recreating the TPU (retry 1/3)" in text, text[-4000:]
+    assert "1 recreation(s)" in text
+    # The second start resumed from a committed checkpoint rather than from scratch.
+    assert "(own checkpoint step" in text, text[-4000:]
+    assert digest(output_of(proc)) == expected
+    creates = [r for r in fake.requests() if r["method"] == "POST" and r["path"].endswith("/nodes")]
+    assert len(creates) == 2  # created, preempted, deleted, created again
+    # teardown=delete: nothing is left running or billed.
+    nodes_path = f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes"
+    assert not _get(fake, nodes_path).get("nodes")
+    # The registry has the run, and the run dir the trainer's metrics.
+    runs = list((pod["scratch"] / "runs").glob("*/jobs/0/metrics.json"))
+    assert len(runs) == 2
+
+
+def test_a_failing_trainer_fails_the_job_without_retry_and_the_tpu_is_deleted(pod):
+    fake = pod["fake"]
+    fake.clear_requests()
+    proc = launch(pod, "trainer.resume_from=gs://vl-test/no-such-checkpoint")
+    code, text = finish(proc)
+    assert code == 1, text[-4000:]
+    assert "FAILED" in text and "recreating" not in text
+    creates = [r for r in fake.requests() if r["method"] == "POST" and r["path"].endswith("/nodes")]
+    assert len(creates) == 1
+    assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")
+
+
+def test_ctrl_c_stops_the_hosts_and_deletes_the_queued_resource(pod):
+    fake = pod["fake"]
+    proc = launch(pod, "backend.queued=true", "backend.teardown=keep")
+    read_until(proc, lambda: any("starting at step" in line for line in proc.lines))
+    proc.send_signal(signal.SIGINT)
+    code, text = finish(proc)
+    assert code != 0
+    assert "stopping the trainer on 2 host(s)" in text, text[-4000:]
+    # Even with teardown=keep, an interrupted queued resource must not keep holding quota.
+    assert "deleting queued resource" in text, text[-4000:]
+    assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/queuedResources").get("queuedResources")
+
+
+def _get(fake, path: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(fake.url + path, timeout=10) as r:
+        return json.load(r)
