@@ -101,11 +101,14 @@ class TpuBackend:
     ssh_user: str | None = None  # default: your user name on this machine
     ssh_port: int | None = None
     ssh_key_dir: str | None = None  # default: <runs_root>/.ssh (an ed25519 key made once)
-    python: str | None = None  # the interpreter on the TPU hosts
+    python: str | None = None  # the interpreter on the TPU hosts; default python3 (emulated: ours)
     workdir: str | None = None  # where each host unpacks the code and runs
     stop_grace_s: int | None = None  # SIGTERM to SIGKILL on the hosts, when a job is stopped
     poll_s: float | None = None  # seconds between API polls while a job runs
     api_endpoint: str | None = None  # default: the real Cloud TPU API
+    # A GCS emulator (fake-gcs-server) to stage to instead of Google's: this process and the hosts
+    # get STORAGE_EMULATOR_HOST and friends pointing at it.
+    gcs_endpoint: str | None = None
     # Emulation (tests, a laptop): the hosts are not TPUs, so JAX is given an explicit coordinator
     # (host 0) and `cpu_devices_per_host` CPU devices per process, and the GCS emulator settings of
     # this process (STORAGE_EMULATOR_HOST, ...) are passed on to the hosts.
@@ -145,7 +148,6 @@ _TPU_FALLBACKS: dict[str, Any] = {
     "ready_timeout_s": 1800,
     "max_retries": 3,
     "ssh_port": 22,
-    "python": "python3",
     "workdir": "/tmp/vlaunch",
     "stop_grace_s": 60,
     "poll_s": 10.0,

@@ -37,6 +37,7 @@ import os
 import re
 import shlex
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ def check_resources(resources: dict[str, Any]) -> None:
         )
     if resources["capacity"] in ("guaranteed",) and not resources["queued"]:
         raise LaunchError("backend.capacity=guaranteed needs a queued resource: add backend.queued=true")
+    if resources.get("python") is None:  # emulated hosts are this machine: our interpreter has it all
+        resources["python"] = sys.executable if resources.get("emulated") else "python3"
     if resources.get("teardown") is None:  # a TPU named by the user is theirs to keep by default
         resources["teardown"] = "keep" if resources.get("tpu_name") else "delete"
     if resources["teardown"] not in _TEARDOWN:
@@ -147,6 +150,16 @@ def job_labels(plan: SweepPlan, job: JobPlan) -> dict[str, str]:
     return {"vlaunch-sweep": plan.sweep_id.lower(), "vlaunch-job": str(job.num)}
 
 
+def gcs_emulator_env(endpoint: str) -> dict[str, str]:
+    """What points google-cloud-storage, gcsfs and tensorstore at a GCS emulator (infra/fake_gcs.py)."""
+    return {
+        "STORAGE_EMULATOR_HOST": endpoint,
+        "TENSORSTORE_GCS_HTTP_URL": endpoint,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "GOOGLE_CLOUD_PROJECT": os.environ.get("GOOGLE_CLOUD_PROJECT", "test-project"),
+    }
+
+
 def worker_env(
     resources: dict[str, Any], index: int, hosts: list[str], coordinator_port: int
 ) -> dict[str, str]:
@@ -165,10 +178,13 @@ def worker_env(
         for name in _EMULATOR_ENV:
             if name in os.environ and name not in env:
                 env[name] = os.environ[name]
-        if "STORAGE_EMULATOR_HOST" in env:
-            # tensorstore (Orbax's array writer) looks for Google credentials first, and logs an error
-            # line when it has none; the emulator takes any token, as in tensorstore's own tests.
-            env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    if resources.get("gcs_endpoint"):
+        for name, value in gcs_emulator_env(resources["gcs_endpoint"]).items():
+            env.setdefault(name, value)
+    if "STORAGE_EMULATOR_HOST" in env:
+        # tensorstore (Orbax's array writer) looks for Google credentials first, and logs an error
+        # line when it has none; the emulator takes any token, as in tensorstore's own tests.
+        env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
     return env
 
 
@@ -245,6 +261,8 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
         raise LaunchError("the TPU backends stage the code of a git checkout; run the launcher from one")
     files = _snapshot_files(Path(plan.code_dir))
     first = plan.jobs[0].config["backend"]
+    if first.get("gcs_endpoint"):
+        os.environ.update(gcs_emulator_env(first["gcs_endpoint"]))  # our own staging and reads
     commit, diff_hash = registry.git_facts(Path(__file__).resolve().parents[2])
     print(f"sweep {plan.sweep_id}: {len(plan.jobs)} job(s) on {plan.backend}, one after another")
     print(f"  staging the code ({len(files)} files) to {first['bucket']}", flush=True)
