@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         root=args.root,
         buckets=tuple(args.bucket),
     )
+    # Block the stop signals before anything can arrive, so sigwait (not the default action, which
+    # would leave the server binary running) receives them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     server.start()
     for name, value in server.env().items():
         print(f"export {name}={value}")
