@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 # A local CPU build of torch; an unpinned torch would pull gigabytes of CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: install sshd demo test test-unit sample-data slurm-up slurm-down lint format bench clean
+.PHONY: install sshd tpu-demo demo test test-unit sample-data slurm-up slurm-down lint format bench clean
 
 install: $(STAMP)
 
@@ -56,6 +56,16 @@ bench: install slurm-up
 	$(PYTHON) benchmarks/submit_cost.py
 	$(PYTHON) benchmarks/registry_cost.py
 	$(PYTHON) benchmarks/decode_sampling.py
+	$(PYTHON) benchmarks/fanout.py
+	$(PYTHON) benchmarks/ckpt_staging.py
+	$(PYTHON) benchmarks/lmdb_read.py
+
+# A TPU "cloud" on this machine (fake Cloud TPU API + sshd workers + fake-gcs-server), and a 2-host
+# Reserve run on it: python -m launcher trainer=reserve backend=tpu_pod site=local_tpu
+tpu-demo: install sshd
+	infra/local_tpu.sh up
+	$(PYTHON) -m launcher trainer=reserve backend=tpu_pod site=local_tpu
 
 clean:
+	-infra/local_tpu.sh down
 	rm -rf $(VENV) .state runs .pytest_cache
