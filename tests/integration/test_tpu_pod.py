@@ -153,16 +153,27 @@ def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninte
     assert len(runs) == 2
 
 
-def test_a_failing_trainer_fails_the_job_without_retry_and_the_tpu_is_deleted(pod):
+def test_a_reused_tpu_runs_a_failing_trainer_once_and_is_kept(pod):
+    """backend.tpu_name reuses a READY TPU (no create call); a trainer failure is not retried; a TPU
+    named by the user is kept after the job."""
+    from launcher.tpu.client import TpuClient, TpuSpec
+    from launcher.tpu.fanout import ensure_keypair, ssh_keys_metadata
+
     fake = pod["fake"]
+    _key, public = ensure_keypair(pod["scratch"] / "runs" / ".ssh")  # the launcher's key (runs_root/.ssh)
+    client = TpuClient(PROJECT, ZONE, endpoint=fake.url, poll_interval_s=0.1)
+    metadata = {"ssh-keys": ssh_keys_metadata(getpass.getuser(), public)}
+    name = client.create_node("mine", TpuSpec("v4-16", "tpu-ubuntu2204-base", metadata=metadata))
+    client.wait_until(name, "READY", 60)
     fake.clear_requests()
-    proc = launch(pod, "trainer.resume_from=gs://vl-test/no-such-checkpoint")
+    proc = launch(pod, "backend.tpu_name=mine", "trainer.resume_from=gs://vl-test/no-such-checkpoint")
     code, text = finish(proc)
     assert code == 1, text[-4000:]
-    assert "FAILED" in text and "recreating" not in text
-    creates = [r for r in fake.requests() if r["method"] == "POST" and r["path"].endswith("/nodes")]
-    assert len(creates) == 1
-    assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")
+    assert "reusing TPU mine" in text and "FAILED" in text and "recreating" not in text, text[-4000:]
+    assert "no-such-checkpoint" in text  # the trainer's own reason, from the hosts' logs
+    assert not [r for r in fake.requests() if r["method"] in ("POST", "DELETE")]  # no create, no delete
+    assert client.get_node("mine").state == "READY"
+    client.delete_node("mine")
 
 
 def test_ctrl_c_stops_the_hosts_and_deletes_the_queued_resource(pod):

@@ -19,6 +19,7 @@ from trainers.core.configs import (  # noqa: F401 - optional_schema: the launche
     merge,
     optional_schema,
     replace_checked,
+    require_answer_list,
 )
 
 FRAME_ENSEMBLES = ("concat", "mean", "max", "lse")
@@ -245,6 +246,7 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
 
     Raises ValueError naming the valid keys or values when something is wrong.
     """
+    require_answer_list(dataset, "singularity")
     preset = preset_for(trainer, dataset)
     explicit = drop_unset({k: v for k, v in trainer.items() if k not in ("family", "preset")})
     if "optim" in explicit and "betas" in explicit["optim"]:
