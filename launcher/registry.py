@@ -612,6 +612,8 @@ def read_run_dir(run_dir: str | Path) -> RunDirFacts:
         name = (run_dir / "checkpoints" / "latest").read_text().strip()
         if name and "/" not in name:
             facts.checkpoint = str(run_dir / "checkpoints" / name)
+        elif "://" in name:  # a checkpoint in a bucket (TPU jobs): its URL
+            facts.checkpoint = name
     status = run_dir / "status"
     found = []
     with contextlib.suppress(OSError):

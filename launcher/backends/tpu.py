@@ -570,3 +570,11 @@ def _copy_outputs(job: JobPlan) -> None:
         if int(info.get("size") or 0) > _OUTPUT_COPY_LIMIT:
             continue
         storage.download(scheme + path, job.run_dir / relative)
+    # The latest committed checkpoint (Orbax writes commit_success.txt last), for the registry.
+    committed = [
+        int(name)
+        for name in storage.listdir(f"{url}/checkpoints")
+        if name.isdigit() and storage.exists(f"{url}/checkpoints/{name}/commit_success.txt")
+    ]
+    if committed:
+        storage.write_text(job.run_dir / "checkpoints" / "latest", f"{url}/checkpoints/{max(committed)}")

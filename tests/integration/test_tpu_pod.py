@@ -151,6 +151,13 @@ def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninte
     # The registry has the run, and the run dir the trainer's metrics.
     runs = list((pod["scratch"] / "runs").glob("*/jobs/0/metrics.json"))
     assert len(runs) == 2
+    from launcher.registry import Registry
+
+    reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
+    sweep = reg.resolve("latest")
+    (job,) = reg.jobs(sweep.id)
+    assert (job.state, job.exit_code, job.handle) == ("COMPLETED", 0, seen_node[0])
+    assert job.checkpoint == f"{output_of(proc)}/checkpoints/10" and job.checkpoint_step == 10
 
 
 def test_a_reused_tpu_runs_a_failing_trainer_once_and_is_kept(pod):
