@@ -151,8 +151,9 @@ def record_results(reg: registry.Registry, sweep_id: str, results: list[JobResul
     reg.update(sweep_id, observations)
 
 
-def run_local(plan: SweepPlan, reg: registry.Registry, poll_s: float, num_of=None) -> list[JobResult]:
-    """Run a plan on the local backend, recording each job's start (pids) and end in the registry.
+def job_recorder(plan: SweepPlan, reg: registry.Registry, num_of: dict[int, int] | None = None):
+    """`on_change(num, state, handle, code)` for a blocking backend: records each job's start (its
+    handle: local pids or a TPU's name) and end (state, exit code, what its run dir holds).
 
     `num_of` maps the plan's job numbers to the registry's (a resubmission's plan holds some jobs
     of a sweep)."""
@@ -160,9 +161,11 @@ def run_local(plan: SweepPlan, reg: registry.Registry, poll_s: float, num_of=Non
     run_dirs = {j.num: j.run_dir for j in plan.jobs}
     sweep_id = plan.sweep_id
 
-    def on_change(num: int, state: str, pids: list[int] | None, code: int | None) -> None:
-        if pids is not None:
-            reg.set_handles(sweep_id, {num_of[num]: ",".join(map(str, pids))}, state=state)
+    def on_change(num: int, state: str, handle, code: int | None) -> None:
+        if handle is not None:
+            if isinstance(handle, list):  # local processes
+                handle = ",".join(map(str, handle))
+            reg.set_handles(sweep_id, {num_of[num]: handle}, state=state)
             return
         facts = registry.read_run_dir(run_dirs[num])
         current = {j.num: j for j in reg.jobs(sweep_id, [num_of[num]])}[num_of[num]]
@@ -182,38 +185,18 @@ def run_local(plan: SweepPlan, reg: registry.Registry, poll_s: float, num_of=Non
             ],
         )
 
-    backend = backends.get("local")
-    return backend.submit(plan, poll_s=min(poll_s, 1.0), on_change=on_change)
+    return on_change
+
+
+def run_local(plan: SweepPlan, reg: registry.Registry, poll_s: float, num_of=None) -> list[JobResult]:
+    """Run a plan on the local backend, recording each job's start (pids) and end in the registry."""
+    on_change = job_recorder(plan, reg, num_of)
+    return backends.get("local").submit(plan, poll_s=min(poll_s, 1.0), on_change=on_change)
 
 
 def run_tpu(plan: SweepPlan, reg: registry.Registry, num_of=None) -> list[JobResult]:
-    """Run a plan on a TPU backend (blocking), recording each job's TPU and end in the registry.
-
-    `num_of` maps the plan's job numbers to the registry's, as for `run_local`."""
-    num_of = num_of or {j.num: j.num for j in plan.jobs}
-    sweep_id = plan.sweep_id
-    run_dirs = {j.num: j.run_dir for j in plan.jobs}
-
-    def on_change(num: int, state: str, handle: str | None, code: int | None) -> None:
-        if handle is not None:
-            reg.set_handles(sweep_id, {num_of[num]: handle}, state=state)
-            return
-        facts = registry.read_run_dir(run_dirs[num])
-        reg.update(
-            sweep_id,
-            [
-                registry.Observation(
-                    num=num_of[num],
-                    state=state,
-                    exit_code=code,
-                    metrics=facts.metrics,
-                    checkpoint=facts.checkpoint,
-                    tracker_run_id=facts.tracker_run_id,
-                )
-            ],
-        )
-
-    return backends.get(plan.backend).run(plan, on_change=on_change)
+    """Run a plan on a TPU backend (blocking), recording each job's TPU and end in the registry."""
+    return backends.get(plan.backend).run(plan, on_change=job_recorder(plan, reg, num_of))
 
 
 def run_plan(
