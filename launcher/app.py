@@ -27,7 +27,11 @@ def launch_overrides(config_loader, master: DictConfig, job_overrides: Sequence[
     composer = SweepComposer(config_loader, master)
     composed = [(list(o), composer.compose_plain(o)) for o in job_overrides]
     # The id as Hydra resolved it for the sweep dir; jobs composed later must not draw a new one.
-    plan = plan_sweep(composed, command_line=command_line(), sweep_id=str(master.sweep_id))
+    try:
+        plan = plan_sweep(composed, command_line=command_line(), sweep_id=str(master.sweep_id))
+    except LaunchError:
+        sweep.remove_hydra_leftovers(Path(str(master.runs_root)).expanduser().resolve() / str(master.sweep_id))
+        raise
     return run_plan(
         plan,
         dry_run=bool(master.dry_run),
@@ -43,7 +47,11 @@ def main(cfg: DictConfig) -> int:
     overrides = list(HydraConfig.get().overrides.task)
     job = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     try:
-        plan = plan_sweep([(overrides, job)], command_line=command_line())
+        try:
+            plan = plan_sweep([(overrides, job)], command_line=command_line())
+        except LaunchError:
+            sweep.remove_hydra_leftovers(Path(HydraConfig.get().runtime.output_dir))
+            raise
         return run_plan(
             plan,
             dry_run=bool(cfg.dry_run),

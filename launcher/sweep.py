@@ -75,12 +75,12 @@ def write_manifest(plan: SweepPlan, handles: dict[str, Any]) -> None:
     tmp.replace(plan.sweep_dir / "sweep.json")
 
 
-def _remove_hydra_leftovers(plan: SweepPlan) -> None:
-    """Hydra makes the sweep dir (and multirun.yaml) before we run; a dry run leaves nothing."""
-    leftovers = plan.sweep_dir / "multirun.yaml"
-    leftovers.unlink(missing_ok=True)
+def remove_hydra_leftovers(sweep_dir: Path) -> None:
+    """Hydra makes the sweep dir (and multirun.yaml) before we run; a dry run or a launch refused at
+    plan time leaves nothing."""
+    (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
     try:
-        plan.sweep_dir.rmdir()
+        sweep_dir.rmdir()
     except OSError:
         pass  # not empty: an earlier sweep with this id
 
@@ -211,7 +211,7 @@ def run_plan(
         )
         print(f"# command: {plan.command_line}")
         print(backend.render(plan))
-        _remove_hydra_leftovers(plan)
+        remove_hydra_leftovers(plan.sweep_dir)
         EXIT_STATUS = 0
         return EXIT_STATUS
     snapshot.attach(plan)  # jobs run the code submitted now, also when requeued after an edit

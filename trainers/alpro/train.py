@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,6 @@ def model_config(cfg: TrainConfig, tokenizer, num_labels: int = 0) -> AlproConfi
         mask_token_id=tokenizer.mask_token_id,
     )
     return dataclasses.replace(cfg.model, text=text, num_labels=num_labels or cfg.model.num_labels)
-
-
-def _loader(dataset, batch_size: int, num_workers: int, collate, **kwargs) -> torch.utils.data.DataLoader:
-    if num_workers > 0:
-        # Tokenizing happens in the workers; the Rust tokenizer's own thread pool does not survive fork.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, **kwargs,
-    )  # fmt: skip
 
 
 class AlproRecipe:
@@ -94,7 +83,7 @@ class AlproRecipe:
     def train_data(self, seed: int, env) -> tuple:
         train_set = self.train_dataset()
         sampler = ResumableSampler(len(train_set), self.cfg.batch_size, seed, env.rank, env.world_size)
-        loader = _loader(
+        loader = loop.make_loader(
             SeededItems(train_set), self.cfg.batch_size, self.cfg.num_workers, self.collate(), sampler=sampler,
             # A generator of its own: creating an iterator must not consume the training RNG stream.
             generator=torch.Generator().manual_seed(seed),
@@ -122,7 +111,7 @@ class AlproRecipe:
                 self.anno(split), self.media, self.ans2label, train=False, num_frames=self.video.num_frames,
                 sample="uniform", image_size=self.video.image_size, resize_size=self.video.image_size,
             )  # fmt: skip
-            loader = _loader(eval_set, cfg.batch_size_test, cfg.num_workers, self.collate())
+            loader = loop.make_loader(eval_set, cfg.batch_size_test, cfg.num_workers, self.collate())
             batches = (
                 (b["frames"], b["text_input_ids"], b["text_attention_mask"], b["labels"]) for b in loader
             )
@@ -141,7 +130,7 @@ class AlproRecipe:
             self.anno(split), self.media, num_frames=self.video.num_frames, image_size=self.video.image_size,
             paragraph=bool(dataset.get("paragraph")),
         )  # fmt: skip
-        loader = _loader(eval_set, cfg.batch_size_test, cfg.num_workers, adata.video_collate)
+        loader = loop.make_loader(eval_set, cfg.batch_size_test, cfg.num_workers, adata.video_collate)
         text = adata.tokenize(self.tokenizer, eval_set.texts, dataset["max_txt_l"])
         metrics = evaluate_retrieval(
             model, ((b["frames"], b["video_idx"]) for b in loader), text["input_ids"], text["attention_mask"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,6 @@ def model_config(cfg: TrainConfig, tokenizer, num_answers: int = 0) -> ClipBertC
     if head.task == "qa":
         head = dataclasses.replace(head, num_labels=max(num_answers, head.num_labels))
     return dataclasses.replace(cfg.model, transformer=transformer, head=head)
-
-
-def _loader(dataset, batch_size: int, num_workers: int, collate, **kwargs) -> torch.utils.data.DataLoader:
-    if num_workers > 0:
-        # Tokenizing happens in the workers; the Rust tokenizer's own thread pool does not survive fork.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, **kwargs,
-    )  # fmt: skip
 
 
 class ClipBertRecipe:
@@ -106,7 +95,7 @@ class ClipBertRecipe:
     def train_data(self, seed: int, env) -> tuple:
         train_set = self.train_dataset()
         sampler = ResumableSampler(len(train_set), self.cfg.batch_size, seed, env.rank, env.world_size)
-        loader = _loader(
+        loader = loop.make_loader(
             SeededItems(train_set), self.cfg.batch_size, self.cfg.num_workers,
             cdata.GroupCollate(self.tokenizer, self.max_len), sampler=sampler,
             # A generator of its own: creating an iterator must not consume the training RNG stream.
@@ -142,7 +131,7 @@ class ClipBertRecipe:
                 cdata.read_qa(self.anno(split)), self.source, vision, self.ans2label, train=False,
                 group_size=10_000, **self.clips(train=False),
             )  # fmt: skip
-            loader = _loader(eval_set, cfg.batch_size_test, cfg.num_workers,
+            loader = loop.make_loader(eval_set, cfg.batch_size_test, cfg.num_workers,
                              cdata.GroupCollate(self.tokenizer, self.max_len))  # fmt: skip
             types = [eval_set.items[i]["answer_type"] for group in eval_set.groups for i in group]
             metrics = evaluate_qa(model, loader, device, types)
@@ -159,7 +148,7 @@ class ClipBertRecipe:
             self.anno(split), self.source, vision, paragraph=bool(dataset.get("paragraph")),
             **self.clips(train=False),
         )  # fmt: skip
-        loader = _loader(eval_set, cfg.batch_size_test, cfg.num_workers, cdata.video_collate)
+        loader = loop.make_loader(eval_set, cfg.batch_size_test, cfg.num_workers, cdata.video_collate)
         text = cdata.tokenize(self.tokenizer, eval_set.texts, self.max_len)
         metrics = evaluate_retrieval(
             model, ((b["frames"], b["video_idx"]) for b in loader), text["input_ids"], text["attention_mask"],

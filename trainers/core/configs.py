@@ -110,7 +110,8 @@ class BertTextConfig:
 def require_answer_list(dataset: Mapping[str, Any], family: str) -> None:
     """QA as classification over a fixed answer list needs `dataset.anno.answer_list`; the custom
     jsonl QA format has none (ClipBERT builds its list from the training answers)."""
-    if dataset.get("task") == "qa" and not (dataset.get("anno") or {}).get("answer_list"):
+    anno = dataset.get("anno")
+    if dataset.get("task") == "qa" and anno is not None and not anno.get("answer_list"):
         raise ValueError(
             f"dataset {dataset.get('name')} has no answer list (anno.answer_list) and {family} answers "
             "from a fixed list: add anno.answer_list (a JSON list of answers), or use trainer=clipbert, "

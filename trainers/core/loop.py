@@ -76,6 +76,17 @@ class Recipe(Protocol):
         ...
 
 
+def make_loader(dataset, batch_size: int, num_workers: int, collate, **kwargs) -> torch.utils.data.DataLoader:
+    """A DataLoader as the families use it: workers kept across epochs, pinned memory on GPUs."""
+    if num_workers > 0:
+        # Tokenizing happens in the workers; the Rust tokenizer's own thread pool does not survive fork.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, **kwargs,
+    )  # fmt: skip
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: not on biases, norms, 1-d parameters or scalars like `temp`."""
     decay, no_decay = [], []

@@ -56,6 +56,7 @@ RESOLUTION = 64  # pixels, square
 FPS = 8
 FRAMES_PER_VIDEO = {"msrvtt": 16, "didemo": 24, "msrvtt_qa": 16, "custom_qa": 16}  # 2-3 s at FPS
 
+_MEDIA_DIRS = {"vat": "datasets"}  # where a dataset keeps its media, when not under videos/ (vat: 3 roots)
 SAMPLE_DATASETS: tuple[str, ...] = ("msrvtt", "didemo", "msrvtt_qa", "custom_qa", "vat")
 
 _ANNO_FILES: dict[str, tuple[str, ...]] = {
@@ -177,7 +178,7 @@ def dataset_files(name: str) -> tuple[str, ...]:
     Holds for real data too; ``vocab.txt`` is extra to the sample data (real runs use a hub tokenizer).
     """
     _check_name(name)
-    return (*_ANNO_FILES[name], MEDIA_DIR)
+    return (*_ANNO_FILES[name], _MEDIA_DIRS.get(name, MEDIA_DIR))
 
 
 def dataset_for_file(filename: str) -> str | None:
