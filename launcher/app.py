@@ -30,7 +30,9 @@ def launch_overrides(config_loader, master: DictConfig, job_overrides: Sequence[
     try:
         plan = plan_sweep(composed, command_line=command_line(), sweep_id=str(master.sweep_id))
     except LaunchError:
-        sweep.remove_hydra_leftovers(Path(str(master.runs_root)).expanduser().resolve() / str(master.sweep_id))
+        sweep.remove_hydra_leftovers(
+            Path(str(master.runs_root)).expanduser().resolve() / str(master.sweep_id)
+        )
         raise
     return run_plan(
         plan,
