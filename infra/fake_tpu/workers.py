@@ -294,10 +294,12 @@ class SshdWorkers:
 
     def _spawn_sshd(self, worker: _Worker) -> subprocess.Popen:
         with open(worker.directory / "sshd.log", "ab") as log:
-            # -D: stay in the foreground (our child, so we can wait for it); -e: log to the file.
+            # -D: stay in the foreground (our child, so we can wait for it); -e: log to the file;
+            # -r: no re-exec per connection (all "VMs" share this machine's cores: a 16-host fan-out
+            # spent a good part of its time re-loading sshd).
             # Its own session, so a Ctrl-C meant for the test process does not reach the "VM".
             return subprocess.Popen(
-                [self.sshd, "-D", "-e", "-f", str(worker.directory / "sshd_config")],
+                [self.sshd, "-D", "-e", "-r", "-f", str(worker.directory / "sshd_config")],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
