@@ -54,10 +54,16 @@ STAMP_FILE = "sample_data.json"
 
 RESOLUTION = 64  # pixels, square
 FPS = 8
-FRAMES_PER_VIDEO = {"msrvtt": 16, "didemo": 24, "msrvtt_qa": 16, "custom_qa": 16}  # 2-3 s at FPS
+FRAMES_PER_VIDEO = {
+    "msrvtt": 16,
+    "didemo": 24,
+    "msrvtt_qa": 16,
+    "custom_qa": 16,
+    "msvd_qa": 16,
+}  # 2-3 s at FPS
 
 _MEDIA_DIRS = {"vat": "datasets"}  # where a dataset keeps its media, when not under videos/ (vat: 3 roots)
-SAMPLE_DATASETS: tuple[str, ...] = ("msrvtt", "didemo", "msrvtt_qa", "custom_qa", "vat")
+SAMPLE_DATASETS: tuple[str, ...] = ("msrvtt", "didemo", "msrvtt_qa", "custom_qa", "vat", "msvd_qa")
 
 _ANNO_FILES: dict[str, tuple[str, ...]] = {
     "msrvtt": ("anno/msrvtt_ret_train7k.json", "anno/msrvtt_ret_test1k.json"),
@@ -67,6 +73,13 @@ _ANNO_FILES: dict[str, tuple[str, ...]] = {
         "anno/msrvtt_qa_val.json",
         "anno/msrvtt_qa_test.json",
         "anno/msrvtt_qa_answer_list.json",
+    ),
+    # MSVD-QA in the same layout as MSRVTT-QA (other videos, other questions).
+    "msvd_qa": (
+        "anno/msvd_qa_train.json",
+        "anno/msvd_qa_val.json",
+        "anno/msvd_qa_test.json",
+        "anno/msvd_qa_answer_list.json",
     ),
     # The generic jsonl video-QA format (trainers/clipbert/data.py); no answer list.
     "custom_qa": ("anno/custom_qa_train.jsonl", "anno/custom_qa_val.jsonl", "anno/custom_qa_test.jsonl"),
@@ -80,6 +93,7 @@ _SPLIT_VIDEOS: dict[str, dict[str, int]] = {
     "msrvtt": {"train7k": 400, "test1k": 100},
     "didemo": {"train": 800, "val": 50, "test": 100},  # one paragraph per video: as many pairs as msrvtt
     "msrvtt_qa": {"train": 400, "val": 50, "test": 100},
+    "msvd_qa": {"train": 400, "val": 50, "test": 100},
     "custom_qa": {"train": 400, "val": 50, "test": 100},
     "vat": {"train": 240, "validation": 40},
 }
@@ -88,6 +102,7 @@ _GENERATORS: dict[str, str] = {
     "custom_qa": "trainers.clipbert.sample_custom_qa",
     "vat": "trainers.crossformer.sample_data",
 }
+_QA_DATASETS = ("msrvtt_qa", "msvd_qa")  # generated here: questions about the one moving shape
 _MSRVTT_TRAIN_CAPTIONS = 2  # captions per training video, one annotation entry each (as upstream)
 
 # --- what the videos can show, and the words for it ---------------------------------------------------
@@ -389,9 +404,9 @@ def generate_sample_data(
 
     for split, entries in annos.items():
         _write_json(out / "anno" / _anno_file_name(name, split), entries)
-    if name == "msrvtt_qa":
+    if name in _QA_DATASETS:
         _write_json(
-            out / "anno" / "msrvtt_qa_answer_list.json", sorted({*COLOURS, *SHAPES, *DIRECTIONS, *SIZES})
+            out / "anno" / f"{name}_answer_list.json", sorted({*COLOURS, *SHAPES, *DIRECTIONS, *SIZES})
         )
     (out / VOCAB_FILE).write_text("\n".join(build_vocab()) + "\n")
     stamp = {
@@ -550,9 +565,8 @@ def _other_motion(rng: np.random.Generator, motion: Motion) -> Motion:
 
 
 def _anno_file_name(name: str, split: str) -> str:
-    return {"msrvtt": "msrvtt_ret_{}.json", "didemo": "didemo_ret_{}.json", "msrvtt_qa": "msrvtt_qa_{}.json"}[
-        name
-    ].format(split)
+    names = {"msrvtt": "msrvtt_ret_{}.json", "didemo": "didemo_ret_{}.json"}
+    return names.get(name, name + "_{}.json").format(split)
 
 
 def _write_json(path: Path, obj, indent: int | None = None) -> None:
