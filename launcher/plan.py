@@ -124,6 +124,20 @@ def check_dataset(dataset: dict[str, Any]) -> None:
             )
 
 
+# Job settings that name files: a relative path means relative to where the command was typed, not to
+# the code snapshot the job runs in.
+_PATH_KEYS = (("dataset", "data_root"), ("trainer", "pretrained"), ("trainer", "prompter"))
+
+
+def absolute_paths(cfg: dict[str, Any]) -> None:
+    """Make the local paths of `_PATH_KEYS` absolute (`~` expanded); URLs (gs://...) stay as they are."""
+    for section, key in _PATH_KEYS:
+        value = (cfg.get(section) or {}).get(key)
+        if isinstance(value, str) and value and "://" not in value:
+            path = Path(value).expanduser()
+            cfg[section][key] = str(path if path.is_absolute() else path.resolve())
+
+
 def check_trainer(job: dict[str, Any], _checked: dict | None = None) -> str:
     """The trainer's module, after checking that it can run this dataset's task.
 
@@ -172,6 +186,7 @@ def plan_sweep(
     for num, (overrides, cfg) in enumerate(composed):
         if cfg["backend"]["name"] != backend:
             raise LaunchError("one sweep runs on one backend; do not sweep over backend=")
+        absolute_paths(cfg)
         module = check_trainer(cfg, checked)
         if backend.startswith("tpu_") and FAMILIES[cfg["trainer"]["family"]].framework != "jax":
             jax_families = sorted(n for n, f in FAMILIES.items() if f.framework == "jax")

@@ -23,7 +23,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "alpro": Family(
         module="trainers.alpro",
-        tasks=("retrieval", "qa"),
+        tasks=("retrieval", "qa", "pretrain_captions"),
         framework="torch",
         config_module="trainers.alpro.config",
     ),

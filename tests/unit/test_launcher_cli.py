@@ -75,11 +75,17 @@ def test_every_trainer_plans_every_dataset_of_its_tasks(tmp_path, backend):
             for family in ("singularity", "alpro"):
                 refused = launcher(f"trainer={family}", "dataset=custom_qa", "--dry-run", runs=tmp_path)
                 assert refused.returncode == 2 and "has no answer list" in refused.stderr
+        # ALPRO's pretraining starts with its first stage, the prompter (the second needs a trained one).
+        stage = ["trainer.stage=prompter"] if task == "pretrain_captions" else []
+        if stage:
+            refused = launcher("trainer=alpro", "dataset=webvid", "--dry-run", runs=tmp_path)
+            assert refused.returncode == 2 and "first run trainer.stage=prompter" in refused.stderr
         proc = launcher(
             "-m",
             f"trainer={','.join(trainers)}",
             f"dataset={','.join(datasets)}",
             f"backend={backend}",
+            *stage,
             "--dry-run",
             runs=tmp_path,
             check=True,

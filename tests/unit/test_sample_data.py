@@ -1,6 +1,7 @@
 """The generated sample datasets: upstream formats, determinism, captions that match the pixels,
 and a cache that concurrent jobs share safely."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -110,7 +111,13 @@ def test_vocab_covers_every_word_and_is_bert_shaped(roots):
         for text_file in (root / media).rglob("*.txt"):  # vat: one text file per clip, title before '#'
             assert set(pre_text(text_file.read_text().split("#")[0]).split()) <= words, text_file
         for rel in annos:
-            if rel.endswith(".csv"):  # vat's file lists; their texts are checked above
+            if rel.endswith(".txt"):  # webvid's entity list: "word count" lines
+                entities = [line.split()[0] for line in (root / rel).read_text().splitlines()]
+                assert entities and set(entities) <= words, rel
+                continue
+            if rel.endswith(".csv"):  # webvid's captions (its `name` column); vat's are file lists
+                rows = list(csv.DictReader((root / rel).open()))
+                assert all(set(pre_text(row["name"]).split()) <= words for row in rows if "name" in row), rel
                 continue
             for entry in _load(root, rel):
                 if not isinstance(entry, dict):  # the answer list
@@ -206,9 +213,9 @@ def test_cache_location_comes_from_the_environment(monkeypatch, tmp_path):
 
 def test_unknown_dataset_names_list_the_valid_ones(capsys):
     with pytest.raises(ValueError, match="msrvtt, didemo, msrvtt_qa"):
-        sd.ensure_sample_data("webvid")
+        sd.ensure_sample_data("howto100m")
     with pytest.raises(SystemExit):
-        sd.main(["webvid"])
+        sd.main(["howto100m"])
     assert "choose from msrvtt, didemo, msrvtt_qa" in capsys.readouterr().err
 
 

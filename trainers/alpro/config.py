@@ -12,6 +12,7 @@ change (frames, gradient checkpointing).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,12 +71,14 @@ class TextConfig(BertTextConfig):
 class LossWeights:
     """Weights of the training losses. 0 switches a loss off; with mlm 0 the model has no MLM head.
 
-    Upstream: pretraining itc + itm + mlm (+ mpm, the prompter's entity loss), retrieval itc + itm.
+    Upstream: pretraining itc + itm + mlm + mpm (PEM, the entity prompts' loss; its model then holds
+    the frozen prompter), the prompter itc alone, retrieval itc + itm.
     """
 
     vtc: float = 1.0
     vtm: float = 1.0
     mlm: float = 1.0
+    pem: float = 0.0
 
 
 @dataclass
@@ -94,6 +97,11 @@ class AlproConfig:
     k_test: int = 0  # retrieval: ITM re-scores the top k of the VTC ranking; 0 = every pair (upstream)
     num_labels: int = 0  # QA classes (len(ans2label)); only the QA model reads it
     qa_hidden_scale: int = 2  # QA MLP hidden width = hidden_size * scale (upstream cls_hidden_scale)
+    # PEM (loss_weight.pem > 0): entities the prompter scores a video region against (upstream: the 1000
+    # most frequent nouns of the corpus; the entity file may hold fewer), and the least probability of
+    # the top entity for a region to count (upstream compares the top entity's index instead, a bug).
+    num_entities: int = 1000
+    pem_threshold: float = 0.2
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,7 +134,9 @@ class AlproConfig:
             raise ValueError(
                 f"need 0 < temp_min ({self.temp_min}) <= temp ({self.temp}) <= temp_max ({self.temp_max})"
             )
-        for name in ("embed_dim", "qa_hidden_scale"):
+        if not 0.0 <= self.pem_threshold < 1.0:
+            raise ValueError(f"pem_threshold ({self.pem_threshold}) must be in [0, 1)")
+        for name in ("embed_dim", "qa_hidden_scale", "num_entities"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("k_test", "num_labels"):
@@ -178,7 +188,7 @@ def _task_overrides(task: str) -> dict[str, Any]:
 # What upstream's `config_release/<task>.json` changes in the model (num_frm, the `_gc` video config,
 # the losses its model class computes). QA classes come from the dataset's ans2label.
 TASK_OVERRIDES: dict[str, dict[str, Any]] = {
-    "pretrain": {"video": {"num_frames": 4}},
+    "pretrain": {"video": {"num_frames": 4}},  # the prompter's and ALPRO's pretraining
     "msrvtt_ret": {"video": {"num_frames": 8}, "loss_weight": {"mlm": 0.0}},
     "didemo_ret": {"video": {"num_frames": 8}, "loss_weight": {"mlm": 0.0}},
     "msrvtt_qa": {"video": {"num_frames": 16, "gradient_checkpointing": True}},
@@ -220,6 +230,21 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 FRAME_SAMPLES = ("uniform", "rand", "nlvl_rand", "headtail")  # trainers.core.clip_sampling.ALPRO_SAMPLES
 
+# Pretraining on video-caption pairs (dataset task `pretrain_captions`) has two stages, as upstream's
+# run_scripts/pt_prompter.sh then pt_alpro.sh: `prompter` trains the teacher with VTC alone; `alpro`
+# trains the model with VTC + VTM + MLM + PEM, the frozen prompter (`trainer.prompter=`) scoring video
+# regions against the entity prompts. Both sample frames head-and-tail (config_release/pretrain_*.json).
+STAGES = ("prompter", "alpro")
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prompter": {"model": {"loss_weight": {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0, "pem": 0.0}}, "sample": "headtail"},
+    "alpro": {"model": {"loss_weight": {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0, "pem": 1.0}}, "sample": "headtail"},
+}  # fmt: skip
+PRETRAIN_TASK = "pretrain_captions"
+# The tiny preset's pretraining, from scratch on the sample corpus. The prompter (VTC alone) leaves the
+# ln(batch) plateau after 150-250 steps: 20 epochs, not 10 (seed 1: R@5 5 after 10 epochs, 44 after 20;
+# chance 5). ALPRO starts from the prompter's weights (see TrainConfig.init_from_prompter).
+TINY_STAGES: dict[str, dict[str, Any]] = {"prompter": {"epochs": 20}, "alpro": {"init_from_prompter": True}}
+
 
 def _upstream_optim() -> OptimConfig:
     # config_release/*.json: AdamW betas (0.9, 0.98), weight decay 1e-3. Upstream decays linearly; the
@@ -250,6 +275,16 @@ class TrainConfig:
     resize_size: int = 256  # frames are resized (square) to this, then randomly cropped to image_size
     hflip: bool = False  # upstream's fine-tuning does not flip
     pretrained: str | None = None  # upstream (`alpro_pretrained_ckpt.pt`) or our own checkpoint
+    # Pretraining (dataset task pretrain_captions) only: which stage, and for `alpro` the trained prompter
+    # (upstream's prompter_pretrained.pt, or one of our prompter runs: a checkpoint, its checkpoints/
+    # directory or its run directory). Its entity prompts are built from dataset.entities at the start.
+    stage: str = "alpro"
+    prompter: str | None = None
+    # Stage alpro: start the model from the prompter's weights (the same backbone) rather than from
+    # `pretrained` / the initialisation. The tiny preset does: from scratch, MLM pulls the text encoder
+    # away while VTC still sits on its ln(batch) plateau, and nothing is learned (upstream starts both
+    # stages from pretrained TimeSformer and BERT weights instead).
+    init_from_prompter: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     eval_split: str = "test"
@@ -278,6 +313,14 @@ BASE_BY_DATASET: dict[str, dict[str, Any]] = {
         "optim": {"lr": 5e-5, "max_grad_norm": 20.0},
         "epochs": 15,
         "batch_size": 24,
+    },
+    # config_release/pretrain_{prompter,alpro}.json: 4 frames, lr 1e-4 with 5% warmup, 10 epochs, 16
+    # videos per GPU (the prompter accumulates 2), gradient-norm clip 20.
+    "webvid": {
+        "model": TASK_OVERRIDES["pretrain"],
+        "optim": {"lr": 1e-4, "max_grad_norm": 20.0, "warmup_epochs": 0.5},
+        "epochs": 10,
+        "batch_size": 16,
     },
 }
 
@@ -325,6 +368,14 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
     values = PRESETS[preset]
     if preset == "base":
         values = merge(values, BASE_BY_DATASET.get(str(dataset.get("name")), {}))
+    stage = explicit.get("stage", TrainConfig.stage)
+    if stage not in STAGES:
+        raise ValueError(f"trainer.stage={stage!r}; valid: {', '.join(STAGES)}")
+    pretraining = dataset.get("task") == PRETRAIN_TASK
+    if pretraining:
+        values = merge(values, STAGE_DEFAULTS[stage])
+        if preset == "tiny":
+            values = merge(values, TINY_STAGES[stage])
     values = merge(values, explicit)
     values["preset"] = preset
     config = replace_checked(TrainConfig(), values, "trainer")
@@ -340,11 +391,44 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
         )
     if config.epochs < 0 or config.batch_size < 1:
         raise ValueError("trainer.epochs must be >= 0 (0: evaluate only) and trainer.batch_size >= 1")
+    _check_stage(config, dataset, pretraining)
     return config
+
+
+def _check_stage(config: TrainConfig, dataset: Mapping[str, Any], pretraining: bool) -> None:
+    pem = config.model.loss_weight.pem > 0
+    if pem and not pretraining:
+        raise ValueError(
+            f"trainer.model.loss_weight.pem > 0 needs a pretraining dataset (task {PRETRAIN_TASK}, e.g. "
+            f"dataset=webvid); {dataset.get('name')} is a {dataset.get('task')} dataset"
+        )
+    if not pretraining:
+        return
+    if config.stage == "prompter" and pem:
+        raise ValueError("trainer.stage=prompter trains with VTC alone: set trainer.model.loss_weight.pem=0")
+    if pem and not dataset.get("entities"):
+        raise ValueError("PEM needs an entity list: set dataset.entities (upstream: unigrams.txt)")
+    if (
+        config.prompter
+        and "://" not in config.prompter
+        and not os.path.exists(os.path.expanduser(config.prompter))
+    ):
+        raise ValueError(
+            f"trainer.prompter={config.prompter} does not exist; give upstream's prompter_pretrained.pt, or "
+            "the run directory (or a checkpoint) of a trainer.stage=prompter run"
+        )
+    if pem and not config.prompter and not config.pretrained:
+        raise ValueError(
+            "trainer.stage=alpro with PEM needs the trained prompter: first run trainer.stage=prompter on "
+            "this dataset, then pass trainer.prompter=<its run dir or checkpoint> (or upstream's "
+            "prompter_pretrained.pt); or set trainer.model.loss_weight.pem=0"
+        )
 
 
 __all__ = [
     "ATTENTION_TYPES",
+    "PRETRAIN_TASK",
+    "STAGES",
     "AlproConfig",
     "BASE_BY_DATASET",
     "PRESETS",

@@ -9,6 +9,9 @@ Annotation formats, told apart by their keys (one file may use either):
   "clip_name"}``, QA ``{"question", "answer", "video_id", "answer_type"}`` with ``train_ans2label.json``
   (a JSON object answer -> label) as the vocabulary. ``clip_name``/``video_id`` name
   ``<media>/<id>.mp4``.
+- Pretraining corpora (video-caption pairs, read like retrieval data): WebVid's release csv (columns
+  ``videoid`` and ``name``, the caption), a csv with ``video_id`` and ``text``, or ALPRO's
+  ``webvid2m/txt/{train,val}.pkl`` (a pandas DataFrame with ``video_id`` and ``text``; needs pandas).
 
 Frames: ``trainers.core.clip_sampling.alpro_indices`` (``rand``/``nlvl_rand``/``headtail`` in training,
 ``uniform`` at test), decoded by ``read_sampled`` (only the chosen frames). Upstream's decord reader
@@ -53,8 +56,13 @@ TRAIN_TRIES = 3  # a failed video at train time is replaced by a random other it
 
 
 def read_annotations(path: str | os.PathLike) -> list[dict]:
-    """The entries of a JSON list or a jsonl file (checked to exist)."""
+    """The entries of a JSON list or a jsonl file, or the video-caption pairs of a pretraining csv / pkl
+    as ``{"clip_name", "caption"}`` entries (checked to exist)."""
     path = require(path, "annotation file", path)
+    if path.suffix == ".csv":
+        return _read_caption_csv(path)
+    if path.suffix == ".pkl":
+        return _read_caption_pickle(path)
     text = path.read_text()
     try:
         entries = json.loads(text)
@@ -65,6 +73,48 @@ def read_annotations(path: str | os.PathLike) -> list[dict]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ValueError(f"{path}: expected a JSON list or jsonl of objects")
     return entries
+
+
+# (video id column, caption column) of the pretraining formats: WebVid's release, ALPRO's DataFrame.
+_CAPTION_COLUMNS = (("videoid", "name"), ("video_id", "text"))
+
+
+def _caption_columns(columns, path) -> tuple[str, str]:
+    for pair in _CAPTION_COLUMNS:
+        if set(pair) <= set(columns):
+            return pair
+    raise ValueError(f"{path}: columns {sorted(columns)}; expected WebVid's videoid+name or video_id+text")
+
+
+def _read_caption_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        video_col, text_col = _caption_columns(reader.fieldnames or [], path)
+        entries = []
+        for row in reader:
+            video, caption = row.get(video_col), row.get(text_col)
+            if not video or caption is None:
+                raise ValueError(f"{path}:{reader.line_num}: a row without {video_col} or {text_col}")
+            entries.append({"clip_name": video, "caption": caption})
+    return entries
+
+
+def _read_caption_pickle(path: Path) -> list[dict]:
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ValueError(
+            f"{path} is a pandas DataFrame pickle (ALPRO's webvid2m/txt/*.pkl) and pandas is not installed: "
+            "pip install pandas, or convert it to a csv with columns video_id,text"
+        ) from None
+    frame = pd.read_pickle(path)
+    video_col, text_col = _caption_columns(frame.columns, path)
+    return [
+        {"clip_name": str(v), "caption": str(t)}
+        for v, t in zip(frame[video_col], frame[text_col], strict=True)
+    ]
 
 
 def _video_file(name: str) -> str:
@@ -267,6 +317,93 @@ class QADataset(_Frames):
 def _label(answers: Sequence[str], ans2label: dict[str, int]) -> int:
     known = [a for a in answers if a in ans2label]
     return ans2label[max(known, key=known.count)] if known else -1
+
+
+# --- PEM regions ---------------------------------------------------------------------------------------
+
+# Upstream's random_erase (src/datasets/dataset_pretrain_sparse.py): a rectangle of 30-50% of the frame,
+# aspect ratio (h / w) between 0.3 and 1 / 0.3, on the patch grid, the same for every frame of a video.
+REGION_AREA = (0.3, 0.5)
+REGION_ASPECT = (0.3, 1 / 0.3)
+
+
+def random_regions(
+    video: torch.Tensor, patch_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random rectangle per video for PEM: (region (B, H/p, W/p) bool over the patch grid,
+    `black_outside(video, region)`, what the prompter scores against the entity prompts)."""
+    b, _, _, h, w = video.shape
+    region = sample_regions(b, h // patch_size, w // patch_size, generator).to(video.device)
+    return region, black_outside(video, region, patch_size)
+
+
+def sample_regions(n: int, gh: int, gw: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, gh, gw) bool: one rectangle of REGION_AREA of the grid with an aspect ratio in REGION_ASPECT
+    per row, at least one cell, placed uniformly where it fits."""
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    region = torch.zeros(n, gh, gw, dtype=torch.bool)
+    for i in range(n):
+        area, aspect = uniform(*REGION_AREA) * gh * gw, uniform(*REGION_ASPECT)
+        rh = min(gh, max(1, int((area * aspect) ** 0.5)))
+        rw = min(gw, max(1, int((area / aspect) ** 0.5)))
+        top = int(torch.randint(0, gh - rh + 1, (), generator=generator))
+        left = int(torch.randint(0, gw - rw + 1, (), generator=generator))
+        region[i, top : top + rh, left : left + rw] = True
+    return region
+
+
+def black_outside(video: torch.Tensor, region: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The normalised video (B, T, 3, H, W) with every pixel outside the region's patches black."""
+    b, _, _, h, w = video.shape
+    gh, gw = region.shape[1:]
+    inside = torch.zeros(b, h, w, dtype=torch.bool, device=video.device)
+    cells = region.to(video.device).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    inside[:, : gh * patch_size, : gw * patch_size] = cells
+    black = (-torch.tensor(PIXEL_MEAN) / torch.tensor(PIXEL_STD)).to(video).view(1, 1, 3, 1, 1)
+    return torch.where(inside[:, None, None], video, black)
+
+
+# --- pretraining entities -------------------------------------------------------------------------------
+
+# The prompt templates of ALPRO's paper (Table 8) and run_pretrain_sparse.py; an entity fills the {}.
+VIDEO_PROMPT_TEMPLATES = tuple(
+    f"A {kind} of {article} {{}}."
+    for kind in ("footage", "video", "portrait", "video footage")
+    for article in ("a", "the", "one")
+)
+IMAGE_PROMPT_TEMPLATES = tuple(
+    f"A {kind} of {article} {{}}."
+    for kind in ("photo", "picture", "good photo", "good picture")
+    for article in ("a", "the", "one")
+)
+PROMPT_MAX_LEN = 15  # upstream tokenizes the prompts to 15 tokens
+
+
+def read_entities(path: str | os.PathLike, limit: int) -> list[str]:
+    """The first `limit` entities of an entity file (upstream's unigrams.txt: the entity is the first
+    word of each line, e.g. ``man 41392``); blank lines are skipped, duplicates are an error."""
+    path = require(path, "entity file", path)
+    entities: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        if words[0] in entities:
+            raise ValueError(f"{path}:{number}: entity {words[0]!r} listed twice")
+        entities.append(words[0])
+        if len(entities) == limit:
+            break
+    if not entities:
+        raise ValueError(f"{path} lists no entity; expected one per line, e.g. 'man 41392'")
+    return entities
+
+
+def prompt_texts(entities: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every entity, template by template (what `build_prompts` expects)."""
+    return [template.format(entity) for template in templates for entity in entities]
 
 
 # --- batching -----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from trainers.alpro.model import Alpro, AlproQA
+from trainers.alpro.model import Alpro, AlproPrompter, AlproQA
 from trainers.singularity.evaluation import retrieval_metrics
 
 
@@ -97,4 +97,36 @@ def evaluate_qa(
         model.train(was_training)
 
 
-__all__ = ["evaluate_qa", "evaluate_retrieval"]
+@torch.no_grad()
+def evaluate_entities(
+    prompter: AlproPrompter,
+    video_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    captions: Sequence[Sequence[str]],
+    entities: Sequence[str],
+    device: torch.device | str,
+) -> dict[str, float]:
+    """How well the prompter's entity prompts name what a video shows: ``entity_acc``, the percentage of
+    videos whose most likely entity (over the whole video) is a word of one of its captions, and
+    ``entity_chance``, the same for an entity drawn at random. video_batches yields (frames, video_index)
+    and captions[v] are the texts of video v."""
+    was_training = prompter.training
+    prompter.eval()
+    try:
+        hits, chance = [], []
+        for frames, index in video_batches:
+            top = prompter.pseudo_labels(frames.to(device))[0].argmax(1).cpu()
+            for v, e in zip(torch.as_tensor(index).view(-1).tolist(), top.tolist(), strict=True):
+                words = {w for caption in captions[v] for w in caption.split()}
+                hits.append(entities[e] in words)
+                chance.append(sum(entity in words for entity in entities) / len(entities))
+        if not hits:
+            raise ValueError("evaluate_entities got no videos")
+        return {
+            "entity_acc": 100.0 * sum(hits) / len(hits),
+            "entity_chance": 100.0 * sum(chance) / len(chance),
+        }
+    finally:
+        prompter.train(was_training)
+
+
+__all__ = ["evaluate_entities", "evaluate_qa", "evaluate_retrieval"]

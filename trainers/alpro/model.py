@@ -6,7 +6,11 @@ Two models share one backbone:
 - `Alpro`: pretraining and retrieval. VTC (video-text contrastive over the batch gathered from every
   process, learnable temperature), VTM (match / no-match on the multimodal [CLS], one hard negative
   video per text and one hard negative text per video), MLM (masked tokens predicted through the
-  multimodal layers). Retrieval scoring: VTC similarities, then VTM re-scoring of the top k.
+  multimodal layers), PEM (prompting entity modeling: the frozen `AlproPrompter` scores a random region
+  of the video against text prompts of the entities; the model predicts that distribution from its
+  multimodal states of the region's patches). Retrieval scoring: VTC similarities, then VTM re-scoring
+  of the top k.
+- `AlproPrompter`: the PEM teacher, trained first with VTC alone; holds the entity prompts' features.
 - `AlproQA`: open-ended QA as classification over ans2label with an MLP on the multimodal [CLS].
 
 Backbone, as upstream (read from salesforce/ALPRO `src/modeling/alpro_models.py`,
@@ -34,10 +38,14 @@ Parameter names. The text side and heads keep upstream's names; the video encode
     text_encoder.cls.predictions.*                                            (Alpro with MLM)
     text_encoder.embeddings.*, text_encoder.encoder.layer.{i}.*                (AlproQA: BertModel)
     vision_proj.*, text_proj.*, temp, itm_head.*                              (Alpro)
+    mpm_head.{0,2}.*, prompter.* (an AlproPrompter)                          (Alpro with PEM)
+    video_prompt_feat, image_prompt_feat                                      (AlproPrompter)
     classifier.{0,2}.{weight,bias}                                            (AlproQA)
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +60,7 @@ from trainers.alpro.config import (  # noqa: F401 - re-exported: the model's con
     VideoConfig,
 )
 from trainers.core.bert import bert_config, init_bert_weights
-from trainers.core.gather import all_gather_with_grad, concat_all_gather, shard_rows
+from trainers.core.gather import all_gather_with_grad, concat_all_gather, global_mean, shard_rows
 
 # Additive attention-mask value for padded keys: upstream's -10000, finite so it survives fp16/bf16.
 _MASKED = -10000.0
@@ -209,8 +217,11 @@ class _AlproBackbone(nn.Module):
 
 
 class Alpro(_AlproBackbone):
-    """VTC + VTM (+ MLM when loss_weight.mlm > 0), as upstream's AlproForPretrain without the entity
-    prompts, and AlproForVideoTextRetrieval (loss_weight.mlm = 0)."""
+    """VTC + VTM (+ MLM when loss_weight.mlm > 0, + PEM when loss_weight.pem > 0): upstream's
+    AlproForPretrain, and AlproForVideoTextRetrieval (mlm = pem = 0).
+
+    With PEM the model holds the frozen prompter (`prompter`, never trained, always in eval mode) and
+    the entity head `mpm_head` (hidden -> 2 hidden -> num_entities), as upstream."""
 
     def __init__(self, config: AlproConfig) -> None:
         super().__init__(config, MaskedLMTextEncoder(config.text, mlm_head=config.loss_weight.mlm > 0))
@@ -219,6 +230,21 @@ class Alpro(_AlproBackbone):
         self.text_proj = nn.Linear(width, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config.temp)))
         self.itm_head = nn.Linear(width, 2)
+        self.prompter: AlproPrompter | None = None
+        self.mpm_head: nn.Sequential | None = None
+        if config.loss_weight.pem > 0:
+            self.prompter = AlproPrompter(prompter_config(config))
+            self.prompter.requires_grad_(False)
+            self.prompter.eval()
+            self.mpm_head = nn.Sequential(
+                nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, config.num_entities)
+            )
+
+    def train(self, mode: bool = True) -> Alpro:
+        super().train(mode)
+        if self.prompter is not None:  # the teacher's pseudo-labels come without dropout
+            self.prompter.eval()
+        return self
 
     @torch.no_grad()
     def clamp_temp(self) -> None:
@@ -247,13 +273,17 @@ class Alpro(_AlproBackbone):
         mlm_ids: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         idx: torch.Tensor | None = None,
+        region_video: torch.Tensor | None = None,
+        region: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Weighted losses {"vtc", "vtm", "mlm"} (those with a weight > 0).
+        """Weighted losses {"vtc", "vtm", "mlm", "pem"} (those with a weight > 0).
 
         video (B, T, 3, H, W); text_ids/text_mask (B, L). mlm_ids/mlm_labels (B, L): masked input and
         labels (-100 = not predicted); drawn with `mask_tokens` when not given. idx (B,): optional video
         ids; equal ids are positives of each other (several captions of one video in a batch). Without
-        it the i-th video and i-th text are the only positive pair (upstream).
+        it the i-th video and i-th text are the only positive pair (upstream). PEM needs region (B, h, w)
+        bool over the patch grid and region_video, the video blacked out outside it
+        (`trainers.alpro.data.random_regions`).
 
         Under DDP the VTC compares the local rows with the batch of every process; the loss averages over
         the local rows, so DDP's gradient averaging gives the gradient of the global-batch loss.
@@ -276,9 +306,16 @@ class Alpro(_AlproBackbone):
                         idx, idx, slice(0, len(text_feat)), len(video_feat), sim_local.device
                     )
             if weights.vtm > 0:
-                losses["vtm"] = weights.vtm * self.vtm_loss(
+                loss, fused = self.vtm_loss(
                     text_embeds, text_mask, video_embeds, sim_local.detach(), positives
                 )
+                losses["vtm"] = weights.vtm * loss
+        if weights.pem > 0:
+            if region is None or region_video is None:
+                raise ValueError("PEM (loss_weight.pem > 0) needs region and region_video")
+            if weights.vtm <= 0:  # else the VTM pass already fused the positive pairs
+                fused = self.fuse(text_embeds, text_mask, video_embeds)
+            losses["pem"] = weights.pem * self.pem_loss(fused, text_ids.shape[1], region, region_video)
         if weights.mlm > 0:
             if mlm_ids is None or mlm_labels is None:
                 mlm_ids, mlm_labels = self.mask_tokens(text_ids)
@@ -334,8 +371,9 @@ class Alpro(_AlproBackbone):
         video_embeds: torch.Tensor,
         sim_v2t: torch.Tensor,
         positives: torch.Tensor,
-    ) -> torch.Tensor:
-        """Cross-entropy over B positive pairs, B (text, negative video) and B (negative text, video).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy over B positive pairs, B (text, negative video) and B (negative text, video),
+        and the multimodal states (B, L + 1 + HW, D) of the positive pairs (what PEM reads, as upstream).
 
         sim_v2t, positives: (B videos, B texts) of the local batch.
         """
@@ -345,10 +383,33 @@ class Alpro(_AlproBackbone):
         text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_for_video]])
         mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text_for_video]])
         video_all = torch.cat([video_embeds, video_embeds[neg_video_for_text], video_embeds])
-        logits = self.itm_logits(text_all, mask_all, video_all)
+        fused = self.fuse(text_all, mask_all, video_all)
+        logits = self.itm_head(fused[:, 0])
         labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
         labels[:b] = 1
-        return F.cross_entropy(_upcast(logits), labels)
+        return F.cross_entropy(_upcast(logits), labels), fused[:b]
+
+    def pem_loss(
+        self, fused: torch.Tensor, text_len: int, region: torch.Tensor, region_video: torch.Tensor
+    ) -> torch.Tensor:
+        """Soft cross-entropy between the prompter's entity distribution for region_video and the
+        model's prediction from its multimodal states of the region's patches (mean-pooled).
+
+        fused (B, text_len + 1 + HW, D): multimodal states of the (text, whole video) pairs; region
+        (B, h, w) bool with h * w = HW. Regions whose top entity has probability < pem_threshold do not
+        count; the mean is over the counted regions of every process (0 when there is none).
+        """
+        if self.prompter is None:
+            raise RuntimeError("this model has no prompter (loss_weight.pem = 0)")
+        targets, keep = self.prompter.pseudo_labels(region_video)
+        patches = fused[:, text_len + 1 :]
+        weights = region.flatten(1).to(patches.dtype)
+        if weights.shape[1] != patches.shape[1]:
+            raise ValueError(f"region has {weights.shape[1]} patches, the video {patches.shape[1]}")
+        pooled = (patches * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        log_probs = F.log_softmax(_upcast(self.mpm_head(pooled)), dim=1)
+        per_region = -(log_probs * targets.to(log_probs.dtype)).sum(1)
+        return global_mean((per_region * keep).sum(), keep.sum())
 
     def mask_tokens(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT masking with probability mlm_prob ([PAD], [CLS], [SEP] never chosen): of the chosen
@@ -377,11 +438,11 @@ class Alpro(_AlproBackbone):
             raise RuntimeError("this model has no MLM head (loss_weight.mlm = 0)")
         hidden = self.fuse(self.encode_text(mlm_ids, text_mask), text_mask, video_embeds)
         logits = self.text_encoder.cls(hidden[:, : mlm_ids.shape[1]])
-        # Sum / count: the mean over predicted tokens, and 0 rather than NaN when none was masked.
+        # The mean over the predicted tokens of every process (0 rather than NaN when none was masked).
         total = F.cross_entropy(
             _upcast(logits.flatten(0, 1)), mlm_labels.flatten(), ignore_index=-100, reduction="sum"
         )
-        return total / (mlm_labels != -100).sum().clamp(min=1)
+        return global_mean(total, (mlm_labels != -100).sum())
 
     @torch.no_grad()
     def retrieval_scores(
@@ -401,6 +462,8 @@ class Alpro(_AlproBackbone):
         """
         k = self.config.k_test if k is None else k
         sim = self.video_features(video_embeds) @ self.text_features(text_embeds).t() / self.temp
+        if self.config.loss_weight.vtm <= 0:  # an untrained VTM head (the prompter): VTC alone
+            return {"vtc": sim, "v2t": sim, "t2v": sim}
         nv, nt = sim.shape
         if k <= 0 or k >= max(nv, nt):
             v2t_mask = t2v_mask = torch.ones_like(sim, dtype=torch.bool)
@@ -421,6 +484,59 @@ class Alpro(_AlproBackbone):
             "v2t": torch.where(v2t_mask, itm, neg_inf),
             "t2v": torch.where(t2v_mask, itm, neg_inf),
         }
+
+
+def prompter_config(config: AlproConfig) -> AlproConfig:
+    """The prompter's config for a pretraining model's config: the same backbone, VTC alone."""
+    return dataclasses.replace(config, loss_weight=LossWeights(vtc=1.0, vtm=0.0, mlm=0.0, pem=0.0))
+
+
+class AlproPrompter(Alpro):
+    """Upstream's Prompter: ALPRO's backbone trained with VTC alone, then frozen as the PEM teacher.
+
+    `video_prompt_feat` / `image_prompt_feat` (num_entities, embed_dim): per entity, the mean over the
+    prompt templates ("A video of a {}.", ...) of the normalised text features, as upstream (not
+    normalised again); built by `build_prompts` from the entity list."""
+
+    def __init__(self, config: AlproConfig) -> None:
+        if config.loss_weight.pem > 0:
+            raise ValueError("the prompter trains with VTC alone (loss_weight.pem must be 0)")
+        super().__init__(config)
+        self.register_buffer("video_prompt_feat", torch.zeros(config.num_entities, config.embed_dim))
+        self.register_buffer("image_prompt_feat", torch.zeros(config.num_entities, config.embed_dim))
+
+    @torch.no_grad()
+    def build_prompts(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        num_templates: int,
+        kind: str = "video",
+        chunk: int = 4096,
+    ) -> None:
+        """Set the `<kind>_prompt_feat` buffer from tokenized prompts (num_templates * num_entities, L)
+        ordered template by template (all entities of the first template, then the second, ...)."""
+        buffer = getattr(self, f"{kind}_prompt_feat")
+        if ids.shape[0] != num_templates * buffer.shape[0]:
+            raise ValueError(
+                f"{ids.shape[0]} prompts for {buffer.shape[0]} entities x {num_templates} templates"
+            )
+        was_training = self.training
+        self.eval()
+        feats = torch.cat([
+            self.text_features(self.encode_text(ids[s : s + chunk], mask[s : s + chunk]))
+            for s in range(0, ids.shape[0], chunk)
+        ])  # fmt: skip
+        buffer.copy_(feats.view(num_templates, buffer.shape[0], -1).mean(0))
+        self.train(was_training)
+
+    @torch.no_grad()
+    def pseudo_labels(self, video: torch.Tensor, kind: str = "video") -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, num_entities) softmax over the entity prompts of each video's similarity / temp, and
+        (B,) bool: the top entity's probability reaches pem_threshold (the others are ignored)."""
+        feats = self.video_features(self.encode_video(video))
+        probs = F.softmax(_upcast(feats @ getattr(self, f"{kind}_prompt_feat").t() / self.temp), dim=1)
+        return probs, probs.max(1).values >= self.config.pem_threshold
 
 
 def _positives(
@@ -479,6 +595,7 @@ class AlproQA(_AlproBackbone):
 __all__ = [
     "Alpro",
     "AlproConfig",
+    "AlproPrompter",
     "AlproQA",
     "FusionBert",
     "LossWeights",

@@ -66,6 +66,8 @@ _BENIGN_SUFFIXES = ("position_ids", "token_type_ids")
 _DROPPABLE: tuple[tuple[str, str], ...] = (
     ("visual_encoder.model.head.", "TimeSformer's Kinetics classifier, unused by ALPRO"),
     ("text_encoder.cls.", "MLM head, which this model does not have"),
+    ("prompter.text_encoder.cls.", "the prompter's MLM head, which VTC never uses"),
+    ("prompter.visual_encoder.model.head.", "TimeSformer's Kinetics classifier, unused by ALPRO"),
     ("mpm_head.", "pretraining entity-prompt head"),
     ("prompter.", "pretraining prompter (a separate model)"),
     ("vision_proj.", "VTC/VTM heads the QA model does not use"),
@@ -92,22 +94,31 @@ def _rename(name: str, table) -> str | None:
     return None
 
 
+PROMPTER = "prompter."  # a pretraining model's prompter: the same names under this prefix
+
+
+def _split_prompter(key: str) -> tuple[str, str]:
+    return (PROMPTER, key[len(PROMPTER) :]) if key.startswith(PROMPTER) else ("", key)
+
+
 def to_ours(key: str) -> str | None:
-    """Our name for an upstream `visual_encoder.model.*` key (None when it has no counterpart, e.g. the
-    Kinetics head); other keys are returned unchanged."""
-    if not key.startswith(UPSTREAM_VISUAL):
+    """Our name for an upstream `[prompter.]visual_encoder.model.*` key (None when it has no
+    counterpart, e.g. the Kinetics head); other keys are returned unchanged."""
+    prefix, rest = _split_prompter(key)
+    if not rest.startswith(UPSTREAM_VISUAL):
         return key
-    ours = _rename(key[len(UPSTREAM_VISUAL) :], _UP_TO_OURS)
-    return OURS_VISUAL + ours if ours is not None else None
+    ours = _rename(rest[len(UPSTREAM_VISUAL) :], _UP_TO_OURS)
+    return prefix + OURS_VISUAL + ours if ours is not None else None
 
 
 def to_upstream(key: str) -> str:
     """Upstream's name for one of our keys (the inverse of `to_ours`)."""
-    if key.startswith(OURS_VISUAL):
-        up = _rename(key[len(OURS_VISUAL) :], _OURS_TO_UP)
+    prefix, rest = _split_prompter(key)
+    if rest.startswith(OURS_VISUAL):
+        up = _rename(rest[len(OURS_VISUAL) :], _OURS_TO_UP)
         if up is None:
             raise KeyError(f"{key} has no upstream counterpart")
-        return UPSTREAM_VISUAL + up
+        return prefix + UPSTREAM_VISUAL + up
     return key
 
 
@@ -131,6 +142,36 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]
     load_into(model, state, report, _BENIGN_SUFFIXES)
     (logger.info if report.ok else logger.warning)("%s", report)
     return report
+
+
+def load_prompter(prompter: nn.Module, source: str | os.PathLike) -> LoadReport:
+    """Load a trained prompter into a pretraining model's `prompter`, without its entity prompts (they
+    are built again from this run's entity list, as upstream's `load_pretrained_weights_without_prompts`).
+
+    source: upstream's `prompter_pretrained.pt`, one of our checkpoints, its `checkpoints/` directory or
+    its run directory (the latest checkpoint there).
+    """
+    state, _ = read_state_dict(resolve_checkpoint(source))
+    state = {k: v for k, v in state.items() if not k.endswith("_prompt_feat")}
+    # The prompter's own (to be rebuilt) prompt buffers, so they are not reported missing.
+    state.update({k: v for k, v in prompter.state_dict().items() if k.endswith("_prompt_feat")})
+    return load_weights(prompter, state)
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> str:
+    """A checkpoint file for a file, a checkpoints directory or a run directory (its latest one)."""
+    from trainers.core import checkpoint
+
+    path = os.fspath(source)
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint, checkpoints directory or run directory")
+        return path
+    for directory in (path, os.path.join(path, "checkpoints")):
+        found = checkpoint.latest(directory)
+        if found is not None:
+            return os.fspath(found)
+    raise FileNotFoundError(f"{path} holds no checkpoint (ckpt_*.pth, directly or under checkpoints/)")
 
 
 def _rename_visual(state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
@@ -168,16 +209,26 @@ def _match_text_layout(
 def _resize_embeddings(
     state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport
 ) -> None:
-    """Time embeddings (1, T, D) and position embeddings (1, 1 + N, D) to the model's frames and grid."""
-    key = "visual_encoder.embeddings.time_embeddings"
+    """Time embeddings (1, T, D) and position embeddings (1, 1 + N, D) to the model's frames and grid
+    (the model's and, in a pretraining model, its prompter's)."""
+    for prefix in ("", PROMPTER):
+        _resize_video_embeddings(state, target, report, prefix)
+
+
+def _resize_video_embeddings(
+    state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport, prefix: str
+) -> None:
+    key = prefix + "visual_encoder.embeddings.time_embeddings"
     if key in state and key in target and state[key].shape[1] != target[key].shape[1]:
         old = state[key]
         # As upstream's resize_temporal_embedding: nearest along time.
         state[key] = F.interpolate(old.transpose(1, 2), size=target[key].shape[1], mode="nearest").transpose(
             1, 2
         )
-        report.adapted.append(f"time embeddings {old.shape[1]} -> {target[key].shape[1]} frames (nearest)")
-    key = "visual_encoder.embeddings.position_embeddings"
+        report.adapted.append(
+            f"{prefix}time embeddings {old.shape[1]} -> {target[key].shape[1]} frames (nearest)"
+        )
+    key = prefix + "visual_encoder.embeddings.position_embeddings"
     if key in state and key in target and state[key].shape[1] != target[key].shape[1]:
         old = state[key]
         src, dst = round((old.shape[1] - 1) ** 0.5), round((target[key].shape[1] - 1) ** 0.5)
@@ -187,7 +238,7 @@ def _resize_embeddings(
             grid = old[:, 1:].transpose(1, 2).reshape(1, old.shape[2], src, src)
             grid = F.interpolate(grid, size=(dst, dst), mode="nearest").flatten(2).transpose(1, 2)
             state[key] = torch.cat([old[:, :1], grid], dim=1)
-            report.adapted.append(f"position embeddings {src}x{src} -> {dst}x{dst} patches (nearest)")
+            report.adapted.append(f"{prefix}position embeddings {src}x{src} -> {dst}x{dst} patches (nearest)")
 
 
 def _drop_unused(
@@ -205,4 +256,12 @@ def _drop_unused(
     return out
 
 
-__all__ = ["LoadReport", "VISUAL_RENAMES", "load_weights", "to_ours", "to_upstream"]
+__all__ = [
+    "LoadReport",
+    "VISUAL_RENAMES",
+    "load_prompter",
+    "load_weights",
+    "resolve_checkpoint",
+    "to_ours",
+    "to_upstream",
+]

@@ -100,4 +100,22 @@ def shard_rows(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     return slice(start, start + tensor.shape[0])
 
 
-__all__ = ["all_gather_with_grad", "concat_all_gather", "shard_rows"]
+def global_mean(
+    total: torch.Tensor, count: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """This process's share of a mean over every process: `total` (a local sum with autograd) times the
+    number of processes over the summed `count`s, so DDP's averaging of the gradients gives the gradient
+    of sum(totals) / sum(counts). Use it for losses that count only some rows (ignored regions, masked
+    tokens): dividing by the local count would weight the processes unequally. 0 when nothing counts.
+
+    A collective when distributed (every process must call it); total / count otherwise.
+    """
+    count = count.detach().to(torch.float64)
+    if not _active(group):
+        return total / count.clamp(min=1).to(total.dtype)
+    summed = count.clone()
+    dist.all_reduce(summed, group=group)
+    return total * (dist.get_world_size(group) / summed.clamp(min=1).item())
+
+
+__all__ = ["all_gather_with_grad", "concat_all_gather", "global_mean", "shard_rows"]
