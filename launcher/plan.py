@@ -115,6 +115,8 @@ def check_dataset(dataset: dict[str, Any]) -> None:
     root_path = Path(root).expanduser()
     needed = [("annotation file", dataset["anno"][split]) for split in dataset["anno"]]
     needed.append(("media directory", dataset["media_dir"]))
+    if dataset.get("entities"):  # ALPRO's pretraining: the PEM entity list
+        needed.append(("entity file", dataset["entities"]))
     for what, rel in needed:
         path = root_path / rel
         if not path.exists():
