@@ -107,20 +107,33 @@ def digest(url: str) -> str:
     return storage.read_text(f"{url}/status/params.rank0.sha256").strip()
 
 
-def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninterrupted_run(pod):
-    fake = pod["fake"]
-    # The uninterrupted run.
+@pytest.fixture(scope="module")
+def uninterrupted(pod):
+    """The digest of the final parameters of a run nobody interrupts."""
     straight = launch(pod)
     code, text = finish(straight)
     assert code == 0, text[-4000:]
     assert "[job 0 w0]" in text and "[job 0 w1]" in text  # both hosts' logs, prefixed
     assert "COMPLETED" in text and "0 recreation(s)" in text
-    expected = digest(output_of(straight))
-    assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")  # deleted after
+    assert not _get(pod["fake"], f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get(
+        "nodes"
+    )  # deleted after
+    return digest(output_of(straight))
 
+
+@pytest.mark.parametrize(
+    ("queued", "gone"),
+    [(False, "PREEMPTED"), (True, "SUSPENDED")],  # a spot node; a spot queued resource (its node goes too)
+    ids=["node", "queued-resource"],
+)
+def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninterrupted_run(
+    pod, uninterrupted, queued, gone
+):
+    fake = pod["fake"]
+    runs_before = len(list((pod["scratch"] / "runs").glob("*/jobs/0/metrics.json")))
     # The same run, preempted through the API once a checkpoint is committed.
     fake.clear_requests()
-    proc = launch(pod)
+    proc = launch(pod, f"backend.queued={str(queued).lower()}")
     seen_node = []
 
     def committed() -> bool:
@@ -138,19 +151,20 @@ def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninte
     fake.preempt(seen_node[0], PROJECT, ZONE)
     code, text = finish(proc)
     assert code == 0, text[-4000:]
-    assert "is PREEMPTED" in text and "recreating the TPU (retry 1/3)" in text, text[-4000:]
+    assert f"is {gone}" in text and "recreating the TPU (retry 1/3)" in text, text[-4000:]
     assert "1 recreation(s)" in text
     # The second start resumed from a committed checkpoint rather than from scratch.
     assert "(own checkpoint step" in text, text[-4000:]
-    assert digest(output_of(proc)) == expected
-    creates = [r for r in fake.requests() if r["method"] == "POST" and r["path"].endswith("/nodes")]
+    assert digest(output_of(proc)) == uninterrupted
+    kind = "queuedResources" if queued else "nodes"
+    creates = [r for r in fake.requests() if r["method"] == "POST" and r["path"].endswith(f"/{kind}")]
     assert len(creates) == 2  # created, preempted, deleted, created again
-    # teardown=delete: nothing is left running or billed.
-    nodes_path = f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes"
-    assert not _get(fake, nodes_path).get("nodes")
+    # teardown=delete: nothing is left running, billed or holding quota.
+    for listing in ("nodes", "queuedResources"):
+        assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/{listing}").get(listing)
     # The registry has the run, and the run dir the trainer's metrics.
     runs = list((pod["scratch"] / "runs").glob("*/jobs/0/metrics.json"))
-    assert len(runs) == 2
+    assert len(runs) == runs_before + 1
     from launcher.registry import Registry
 
     reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
