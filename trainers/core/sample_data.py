@@ -45,7 +45,7 @@ from trainers.core.text import pre_text
 logger = logging.getLogger(__name__)
 
 # Bump when the files' content or layout changes: caches keyed on the old version are left alone.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 2
 SEED = 20240601
 CACHE_ENV = "VLAUNCH_DATA_CACHE"
 MEDIA_DIR = "videos"
@@ -174,9 +174,9 @@ _QUESTIONS = {
 }
 
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-# The words of ALPRO's entity prompt templates ("A video footage of one {}.", trainers/alpro/data.py), so a
-# prompt is as many tokens as its words and no entity is truncated away.
-_PROMPT_WORDS = "a footage video portrait photo picture good of the one"
+# webvid's vocabulary also has the words of ALPRO's entity prompt templates ("A video footage of one {}.",
+# trainers/alpro/data.py), so a prompt is as many tokens as its words and no entity is truncated away.
+_PROMPT_WORDS = ("a", "footage", "video", "portrait", "photo", "picture", "good", "of", "the", "one")
 
 
 @dataclass(frozen=True)
@@ -288,8 +288,9 @@ def split_sizes(name: str, scale: float = 1.0) -> dict[str, int]:
     return {split: max(2, round(n * scale)) for split, n in _SPLIT_VIDEOS[name].items()}
 
 
-def build_vocab() -> list[str]:
-    """The sample datasets' WordPiece vocabulary: specials, every word used, characters, filler.
+def build_vocab(extra: Sequence[str] = ()) -> list[str]:
+    """The sample datasets' WordPiece vocabulary: specials, every word used (and `extra`), characters,
+    filler.
 
     Every caption/question/answer word is a whole token; single characters (and ``##`` pieces) let
     any other word be spelled out instead of becoming ``[UNK]``. Padded to a multiple of 8 entries.
@@ -307,7 +308,7 @@ def build_vocab() -> list[str]:
         *_CAPTION_TEMPLATES,
         *_THEN,
         *itertools.chain.from_iterable(_QUESTIONS.values()),
-        _PROMPT_WORDS,
+        *extra,
     ]
     for fragment in fragments:
         words.update(pre_text(re.sub(r"\{\w+\}", " ", fragment)).split())
@@ -425,7 +426,8 @@ def generate_sample_data(
         _write_json(
             out / "anno" / f"{name}_answer_list.json", sorted({*COLOURS, *SHAPES, *DIRECTIONS, *SIZES})
         )
-    (out / VOCAB_FILE).write_text("\n".join(build_vocab()) + "\n")
+    vocab = build_vocab(_PROMPT_WORDS if name == "webvid" else ())
+    (out / VOCAB_FILE).write_text("\n".join(vocab) + "\n")
     stamp = {
         "name": name,
         "format_version": FORMAT_VERSION,
