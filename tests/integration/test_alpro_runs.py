@@ -112,7 +112,7 @@ def _ddp_worker(rank: int, port: int, out: str, kind: str, prompter: str | None)
         dist.all_reduce(loss)
         torch.save({"loss": loss / WORLD, "grads": grads}, os.path.join(out, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        distributed.teardown()
 
 
 @pytest.mark.slow

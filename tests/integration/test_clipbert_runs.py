@@ -80,7 +80,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
             {"loss": loss / WORLD, "grads": grads, "videos": videos}, os.path.join(out, f"rank{rank}.pt")
         )
     finally:
-        dist.destroy_process_group()
+        distributed.teardown()
 
 
 @pytest.mark.slow

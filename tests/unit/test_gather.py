@@ -21,6 +21,7 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from trainers.core import distributed  # noqa: E402
 from trainers.core.gather import all_gather_with_grad, concat_all_gather, shard_rows  # noqa: E402
 
 WORLD = 2
@@ -44,8 +45,6 @@ def _join(rank: int, port: int, local_rank: int, local_world_size: int) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from trainers.core import distributed
-
     info, _ = distributed.setup(timeout_s=60)
     assert dist.is_initialized() and info.rank == rank and info.local_rank == local_rank
 
@@ -73,7 +72,7 @@ def _gather_worker(rank: int, port: int) -> None:
         every_rank = torch.arange(y.numel(), dtype=torch.float).view_as(y) * sum(r + 1 for r in range(WORLD))
         assert torch.equal(x.grad, every_rank[start : start + sizes[rank]])
     finally:
-        dist.destroy_process_group()
+        distributed.teardown()
 
 
 def test_all_gather_with_grad_concatenates_in_rank_order_and_sums_gradients_over_ranks():
@@ -161,7 +160,7 @@ def _vtc_ddp_worker(rank: int, ports: list[int], out: str) -> None:
             }
             torch.save(result, os.path.join(out, f"{scenario}-rank{rank}.pt"))
         finally:
-            dist.destroy_process_group()
+            distributed.teardown()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -185,10 +186,18 @@ def setup(timeout_s: float = 600.0):
 
 
 def teardown() -> None:
+    """Leave the process group, if this process is in one."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    # A gloo worker thread lets go of a finished collective's tensors only after the caller has its
+    # result, and letting go takes the GIL; the group's destructor joins those threads while holding
+    # the GIL. Destroying the group right after a collective could hang the process at exit for good
+    # (seen in a 2-process test: the destructor in join(), a gloo thread waiting for the GIL). Sleeping
+    # releases the GIL, so the threads are done with their last work before the group goes away.
+    time.sleep(0.1)
+    dist.destroy_process_group()
 
 
 def all_reduce_max(value: float) -> float:
