@@ -37,8 +37,8 @@ slurm-down:
 
 # JAX's threads and the data loaders' fork() do not mix in one process: tests/jax runs apart.
 test: install sshd slurm-up
-	$(PYTHON) -m pytest -q -ra --ignore=tests/jax
-	$(PYTHON) -m pytest -q -ra tests/jax
+	$(PYTHON) -m pytest -q -ra --durations=15 --ignore=tests/jax
+	$(PYTHON) -m pytest -q -ra --durations=5 tests/jax
 
 test-unit: install
 	$(PYTHON) -m pytest -q -ra -m "not slurm" --ignore=tests/jax

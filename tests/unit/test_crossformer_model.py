@@ -137,14 +137,14 @@ def test_same_seed_same_model_and_losses() -> None:
     )
 
 
+@torch.no_grad()
 def test_mlm_loss_is_zero_when_no_token_is_masked() -> None:
     model = _model().eval()
     inputs = _fixed_inputs(model, _batch(model.config))
     assert (inputs["mlm_labels"] != -100).any()
-    with torch.no_grad():
-        assert float(model(**inputs)["text_mlm"]) > 0
-        inputs["mlm_labels"] = torch.full_like(inputs["mlm_labels"], -100)
-        assert float(model(**inputs)["text_mlm"]) == 0.0
+    assert float(model(**inputs)["text_mlm"]) > 0
+    inputs["mlm_labels"] = torch.full_like(inputs["mlm_labels"], -100)
+    assert float(model(**inputs)["text_mlm"]) == 0.0
 
 
 def test_mask_tokens_never_masks_special_or_padding_tokens() -> None:
@@ -160,6 +160,7 @@ def test_mask_tokens_never_masks_special_or_padding_tokens() -> None:
     assert 0.2 < chosen[:, 1:-1].float().mean() < 0.4  # mlm_probability 0.3
 
 
+@torch.no_grad()
 def test_reconstruction_losses_follow_their_targets() -> None:
     """Changing only the MASKED pixels leaves what the encoders see unchanged and moves the loss."""
     model = _model().eval()
@@ -184,6 +185,7 @@ def test_reconstruction_losses_follow_their_targets() -> None:
     assert float(moved["video_mae"]) == pytest.approx(float(before["video_mae"]))
 
 
+@torch.no_grad()
 def test_vtm_labels_follow_the_shuffle() -> None:
     model = _model().eval()
     inputs = _fixed_inputs(model, _batch(model.config))
@@ -211,6 +213,7 @@ def test_vtm_shuffle_makes_the_configured_number_of_negatives(
         assert int((labels == 0).sum()) == negatives
 
 
+@torch.no_grad()
 def test_contrastive_loss_uses_the_shuffled_pairs() -> None:
     model = _model()
     feats = torch.nn.functional.normalize(torch.randn(B, 16), dim=-1)
