@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.core import checkpoint
 from trainers.core.weights import LoadReport, load_into, read_state_dict, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -151,27 +152,11 @@ def load_prompter(prompter: nn.Module, source: str | os.PathLike) -> LoadReport:
     source: upstream's `prompter_pretrained.pt`, one of our checkpoints, its `checkpoints/` directory or
     its run directory (the latest checkpoint there).
     """
-    state, _ = read_state_dict(resolve_checkpoint(source))
+    state, _ = read_state_dict(checkpoint.resolve(source))
     state = {k: v for k, v in state.items() if not k.endswith("_prompt_feat")}
     # The prompter's own (to be rebuilt) prompt buffers, so they are not reported missing.
     state.update({k: v for k, v in prompter.state_dict().items() if k.endswith("_prompt_feat")})
     return load_weights(prompter, state)
-
-
-def resolve_checkpoint(source: str | os.PathLike) -> str:
-    """A checkpoint file for a file, a checkpoints directory or a run directory (its latest one)."""
-    from trainers.core import checkpoint
-
-    path = os.fspath(source)
-    if not os.path.isdir(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint, checkpoints directory or run directory")
-        return path
-    for directory in (path, os.path.join(path, "checkpoints")):
-        found = checkpoint.latest(directory)
-        if found is not None:
-            return os.fspath(found)
-    raise FileNotFoundError(f"{path} holds no checkpoint (ckpt_*.pth, directly or under checkpoints/)")
 
 
 def _rename_visual(state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
@@ -261,7 +246,6 @@ __all__ = [
     "VISUAL_RENAMES",
     "load_prompter",
     "load_weights",
-    "resolve_checkpoint",
     "to_ours",
     "to_upstream",
 ]

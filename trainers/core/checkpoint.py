@@ -99,6 +99,20 @@ def latest(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve(source: str | os.PathLike) -> Path:
+    """A checkpoint file for a file, a checkpoints directory or a run directory (its latest checkpoint)."""
+    path = Path(source)
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such checkpoint, checkpoints directory or run directory")
+        return path
+    for directory in (path, path / "checkpoints"):
+        found = latest(directory)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path} holds no checkpoint (ckpt_*.pth, directly or under checkpoints/)")
+
+
 def load(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     import torch
 
