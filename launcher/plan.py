@@ -140,6 +140,18 @@ def absolute_paths(cfg: dict[str, Any]) -> None:
             cfg[section][key] = str(path if path.is_absolute() else path.resolve())
 
 
+def check_weight_paths(trainer: dict[str, Any]) -> None:
+    """Fail on the laptop when `trainer.pretrained=` / `trainer.prompter=` name a local path that is not
+    there (after `absolute_paths`); URLs are read where the job runs."""
+    for key in ("pretrained", "prompter"):
+        value = trainer.get(key)
+        if isinstance(value, str) and value and "://" not in value and not Path(value).exists():
+            raise LaunchError(
+                f"trainer.{key}={value} does not exist; give a checkpoint file, a run directory "
+                "(runs/<sweep>/jobs/<n>: its latest checkpoint) or a gs:// URL"
+            )
+
+
 def check_trainer(job: dict[str, Any], _checked: dict | None = None) -> str:
     """The trainer's module, after checking that it can run this dataset's task.
 
@@ -197,6 +209,7 @@ def plan_sweep(
                 f"trainers ({', '.join(jax_families) or 'none registered'}); use backend=slurm or local for it"
             )
         check_dataset(cfg["dataset"])
+        check_weight_paths(cfg["trainer"])
         resources = effective_backend(cfg["backend"], cfg.get("site", {}))
         run_dir = sweep_dir / "jobs" / str(num)
         interpreter = resources.get("python") or python or sys.executable

@@ -1,5 +1,6 @@
 """A saved checkpoint, evaluated alone (trainer.epochs=0 trainer.pretrained=...), gives the metrics
-of the run that wrote it: the path a user takes with a released fine-tuned checkpoint."""
+of the run that wrote it: the path a user takes with a released fine-tuned checkpoint. The run's
+directory works in its place (its latest checkpoint), and so does a copy in a bucket (gs://)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_evaluating_a_saved_checkpoint_reproduces_its_metrics(tmp_path):
+def test_evaluating_a_saved_checkpoint_reproduces_its_metrics(tmp_path, fake_gcs):
     launch(tmp_path, "trainer.epochs=2", "sweep_id=train")
     run = tmp_path / "train" / "jobs" / "0"
     checkpoint = sorted((run / "checkpoints").glob("ckpt_*.pth"))[-1]
@@ -39,3 +40,23 @@ def test_evaluating_a_saved_checkpoint_reproduces_its_metrics(tmp_path):
     log = (evaluated / "logs" / "rank0.log").read_text()
     assert "Loaded 140/140 model tensors" in log
     assert not (evaluated / "checkpoints").exists(), "evaluation alone trains nothing and saves nothing"
+    # The run directory stands for its latest checkpoint (how a user fine-tunes from a pretraining run).
+    launch(tmp_path, "trainer.epochs=0", f"trainer.pretrained={run}", "sweep_id=eval_dir")
+    by_dir = tmp_path / "eval_dir" / "jobs" / "0"
+    assert (
+        json.loads((by_dir / "metrics.json").read_text())["metrics"]
+        == json.loads((run / "metrics.json").read_text())["metrics"]
+    )
+    assert f"Loaded 140/140 model tensors from {checkpoint}" in (by_dir / "logs" / "rank0.log").read_text()
+    # A checkpoint in a bucket is downloaded into the run dir, checked against its MD5, and loaded.
+    from trainers.core import storage
+
+    url = "gs://vl-test/weights/ckpt_trained.pth"
+    storage.upload(checkpoint, url)
+    launch(tmp_path, "trainer.epochs=0", f"trainer.pretrained={url}", "sweep_id=eval_gcs")
+    by_url = tmp_path / "eval_gcs" / "jobs" / "0"
+    assert (
+        json.loads((by_url / "metrics.json").read_text())["metrics"]
+        == json.loads((run / "metrics.json").read_text())["metrics"]
+    )
+    assert (by_url / "pretrained" / "ckpt_trained.pth").read_bytes() == checkpoint.read_bytes()

@@ -194,6 +194,20 @@ def test_missing_real_dataset_names_the_file(tmp_path):
     assert "data_root" in proc.stderr
 
 
+def test_missing_pretrained_weights_stop_the_launch_before_submitting(tmp_path):
+    missing = tmp_path / "nope" / "ckpt_best.pth"
+    for trainer in ("singularity", "alpro"):
+        proc = launcher(f"trainer={trainer}", "backend=slurm", f"trainer.pretrained={missing}", runs=tmp_path)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip() == (
+            f"error: trainer.pretrained={missing} does not exist; give a checkpoint file, a run directory "
+            "(runs/<sweep>/jobs/<n>: its latest checkpoint) or a gs:// URL"
+        )
+    assert not any(tmp_path.iterdir()), "nothing is recorded or submitted"
+    # A URL is read where the job runs: it plans.
+    launcher("trainer.pretrained=gs://bucket/ckpt.pth", "--dry-run", runs=tmp_path, check=True)
+
+
 def test_local_cannot_span_nodes(tmp_path):
     proc = launcher("backend.nodes=2", runs=tmp_path)
     assert proc.returncode == 2 and "backend=slurm" in proc.stderr

@@ -99,18 +99,30 @@ def latest(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve(source: str | os.PathLike) -> Path:
-    """A checkpoint file for a file, a checkpoints directory or a run directory (its latest checkpoint)."""
-    path = Path(source)
+def find(source: str | os.PathLike) -> Path | None:
+    """The latest checkpoint of a checkpoints directory or of a run directory (under checkpoints/);
+    None when `source` is not a directory or holds none."""
+    path = Path(source).expanduser()
     if not path.is_dir():
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such checkpoint, checkpoints directory or run directory")
-        return path
+        return None
     for directory in (path, path / "checkpoints"):
         found = latest(directory)
         if found is not None:
             return found
-    raise FileNotFoundError(f"{path} holds no checkpoint (ckpt_*.pth, directly or under checkpoints/)")
+    return None
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A checkpoint file for a file, a checkpoints directory or a run directory (its latest checkpoint)."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such checkpoint, checkpoints directory or run directory")
+        return path
+    found = find(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (ckpt_*.pth, directly or under checkpoints/)")
+    return found
 
 
 def load(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:

@@ -74,6 +74,11 @@ def read_state_dict(source: Any, drop_non_tensors: bool = False) -> tuple[dict[s
         obj, name = source, "<state_dict>"
     else:
         name = os.fspath(source)
+        if os.path.isdir(name):
+            raise ValueError(
+                f"{name} is a directory without checkpoints; give a checkpoint file, or a run directory "
+                "(or its checkpoints/ directory): its latest checkpoint is loaded"
+            )
         try:
             obj = torch.load(name, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
