@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
 import shutil
@@ -182,6 +183,12 @@ def submit(plan: SweepPlan) -> Submission:
         raise LaunchError(
             "sbatch not found on PATH: run on a Slurm login node (or start infra/local_slurm.sh up)"
         )
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):  # sbatch would retry for a minute before saying so
+        raise LaunchError(
+            f"SLURM_CONF={conf} does not exist; point it at your cluster's slurm.conf (on this machine: "
+            'infra/local_slurm.sh up, then eval "$(infra/local_slurm.sh env)")'
+        )
     batches = _arrays(plan)
     all_params = [_validate(resources, plan) for resources, _, _ in batches]
     code_dir = str(plan.code_dir) if plan.code_dir else None
@@ -229,10 +236,22 @@ def _cancel(arrays: list[str]) -> str:
     return f" (cancelled the arrays already accepted: {', '.join(arrays)})"
 
 
+# sbatch's words when it found no cluster to talk to (no slurm.conf, or its controller is down).
+_NO_CONTROLLER = re.compile(
+    r"Unable to contact slurm controller|configuration source|Unable to process configuration file"
+)
+
+
 def _sbatch_message(error: Exception) -> str:
     text = str(error)
     found = re.findall(r"sbatch: error: (.*)", text)
-    return "; ".join(dict.fromkeys(found)) if found else text.strip().splitlines()[-1]
+    message = "; ".join(dict.fromkeys(found)) if found else text.strip().splitlines()[-1]
+    if _NO_CONTROLLER.search(text):
+        message += (
+            f" (no Slurm controller answered with SLURM_CONF={os.environ.get('SLURM_CONF', '<unset>')}; on "
+            'this machine: infra/local_slurm.sh up, then eval "$(infra/local_slurm.sh env)")'
+        )
+    return message
 
 
 def log_path(plan_dir: Path, job_id: str, task: int = 0) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,28 @@ def test_missing_pretrained_weights_stop_the_launch_before_submitting(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is recorded or submitted"
     # A URL is read where the job runs: it plans.
     launcher("trainer.pretrained=gs://bucket/ckpt.pth", "--dry-run", runs=tmp_path, check=True)
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs the Slurm client (make test installs it)")
+def test_slurm_without_a_reachable_cluster_says_how_to_reach_one(tmp_path, monkeypatch):
+    # A slurm.conf that names no cluster: sbatch refuses at once, and the line says what to do.
+    conf = tmp_path / "slurm.conf"
+    conf.touch()
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    proc = launcher("backend=slurm", runs=tmp_path / "runs")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: sbatch refused the sweep: ")
+    assert f"SLURM_CONF={conf}" in lines[0] and "infra/local_slurm.sh up" in lines[0]
+    # A SLURM_CONF that does not exist is caught before sbatch (which would retry for a minute).
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "nowhere.conf"))
+    proc = launcher("backend=slurm", runs=tmp_path / "runs")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: SLURM_CONF={tmp_path / 'nowhere.conf'} does not exist; point it at your cluster's slurm.conf "
+        '(on this machine: infra/local_slurm.sh up, then eval "$(infra/local_slurm.sh env)")'
+    )
 
 
 def test_local_cannot_span_nodes(tmp_path):
