@@ -74,7 +74,8 @@ def check_resources(resources: dict[str, Any]) -> None:
         if not resources.get(key):
             raise LaunchError(
                 f"backend.{key} is not set for backend={name}; set it once in your site profile "
-                f"(conf/site/<site>.yaml under `tpu:`) or give backend.{key}=..."
+                f"(conf/site/<site>.yaml under `tpu:`) or give backend.{key}=... (to try it on this "
+                "machine's emulated TPU cloud: infra/local_tpu.sh up, then add site=local_tpu)"
             )
     if not str(resources["bucket"]).startswith("gs://"):
         raise LaunchError(
