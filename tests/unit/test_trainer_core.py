@@ -4,6 +4,7 @@ and sampling that a resumed run repeats exactly."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,6 +228,26 @@ def test_pruning_never_removes_the_checkpoint_just_saved(tmp_path):
     path = checkpoint.save(tmp_path, 6, state_at(6), keep=1)
     assert path.exists()
     assert checkpoint.latest(tmp_path) == path
+
+
+def test_weights_sources_a_run_dir_its_latest_checkpoint_a_url_a_checked_local_copy(tmp_path, fake_gcs):
+    from trainers.core import storage
+    from trainers.core.weights import local_source
+
+    run = tmp_path / "run"
+    checkpoint.save(run / "checkpoints", 3, {"model": {"w": torch.ones(2)}})
+    newest = checkpoint.save(run / "checkpoints", 7, {"model": {"w": torch.zeros(2)}})
+    assert local_source(str(run), tmp_path / "dl") == str(newest)
+    assert local_source(str(run / "checkpoints"), tmp_path / "dl") == str(newest)
+    upstream = tmp_path / "upstream.pth"  # a file, or a folder without our checkpoints: as given
+    upstream.write_bytes(b"weights")
+    assert local_source(str(upstream), tmp_path / "dl") == str(upstream)
+
+    url = "gs://vl-test/weights/upstream.pth"
+    storage.upload(upstream, url)
+    local = local_source(url, tmp_path / "dl")
+    assert local == str(tmp_path / "dl" / "upstream.pth") and Path(local).read_bytes() == b"weights"
+    assert local_source(str(tmp_path / "dl"), tmp_path / "x") == str(tmp_path / "dl")  # no checkpoints in it
 
 
 def test_rng_state_round_trip_repeats_every_stream():

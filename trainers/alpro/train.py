@@ -26,6 +26,7 @@ from trainers.alpro.model import Alpro, AlproPrompter, AlproQA
 from trainers.alpro.weights import load_prompter, load_weights
 from trainers.core import loop
 from trainers.core.sampling import ResumableSampler, SeededItems
+from trainers.core.weights import local_source
 from trainers.singularity.train import data_root, tokenizer_for
 
 log = logging.getLogger("trainers.alpro")
@@ -55,6 +56,7 @@ class AlproRecipe:
 
     def __init__(self, job: dict[str, Any], device: torch.device) -> None:
         self.dataset = job["dataset"]
+        self.run_dir = Path(job.get("job", {}).get("run_dir", "."))  # tests build recipes without one
         self.cfg = resolve(job["trainer"], self.dataset)
         self.name = f"alpro {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
         self.root = data_root(self.dataset)
@@ -86,7 +88,8 @@ class AlproRecipe:
             return AlproPrompter(config)
         model = Alpro(config)
         if model.prompter is not None and self.cfg.prompter:
-            log.info("prompter %s: %s", self.cfg.prompter, load_prompter(model.prompter, self.cfg.prompter))
+            source = local_source(self.cfg.prompter, self.run_dir / "prompter")
+            log.info("prompter %s: %s", self.cfg.prompter, load_prompter(model.prompter, source))
             self.build_prompts(model.prompter)
             if self.cfg.init_from_prompter:
                 backbone = {

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import math
 import os
-import posixpath
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from trainers.core import checkpoint, distributed, storage, tracking
+from trainers.core import checkpoint, distributed, tracking
 from trainers.core.distributed import DistEnv
 from trainers.core.job import (
     REQUEUE_EXIT_CODE,
@@ -43,6 +42,7 @@ from trainers.core.job import (
     write_json_atomic,
 )
 from trainers.core.sampling import ResumableSampler
+from trainers.core.weights import local_source
 
 log = logging.getLogger("trainers")
 
@@ -183,19 +183,6 @@ class _Trainer:
             )  # fmt: skip
         distributed.barrier()
 
-    def weights_file(self, source: str) -> str:
-        """`trainer.pretrained=` as a local path: a gs:// object is downloaded into the run dir (once
-        per node, checked against its MD5), a run or checkpoints directory stands for its latest
-        checkpoint, anything else (a file, a model card folder) is passed on as it is."""
-        if storage.is_remote(source):
-            local = self.run_dir / "pretrained" / posixpath.basename(source.rstrip("/"))
-            if self.env.local_rank == 0:
-                log.info("downloading %s", source)
-                storage.download(source, local)
-            distributed.barrier()
-            return str(local)
-        return str(checkpoint.find(source) or source)
-
     def run(self, seed: int, stop: StopSignal) -> int:
         cfg, env, device, model = self.cfg, self.env, self.device, self.raw_model
         resume_from = checkpoint.latest(self.ckpt_dir)
@@ -205,7 +192,8 @@ class _Trainer:
             model.load_state_dict(state["model"])
             log.info("resuming from %s (step %d)", resume_from, state["global_step"])
         elif cfg.pretrained:  # 2. pretrained weights
-            log.info("%s", self.recipe.load_pretrained(model, self.weights_file(cfg.pretrained)))
+            source = local_source(cfg.pretrained, self.run_dir / "pretrained")
+            log.info("%s", self.recipe.load_pretrained(model, source))
         # 3. otherwise: the initialisation the recipe made from `seed`
         if cfg.epochs == 0:  # evaluation only, e.g. of a released fine-tuned checkpoint
             if not cfg.pretrained and resume_from is None:

@@ -61,6 +61,28 @@ def _summarize(keys: list[str], limit: int = 8) -> str:
 _log = logging.getLogger("trainers.weights")
 
 
+def local_source(source: str, directory: str | os.PathLike) -> str:
+    """A weights setting (`trainer.pretrained=`, `trainer.prompter=`) as a local path for the loaders.
+
+    A gs:// object is downloaded into `directory` (by local rank 0 of each node while the others wait;
+    the copy is checked against the bucket's MD5), a run or checkpoints directory stands for its latest
+    checkpoint, anything else (a file, a model card folder) is returned as it is.
+    """
+    import posixpath
+    from pathlib import Path
+
+    from trainers.core import checkpoint, distributed, storage
+
+    if storage.is_remote(source):
+        local = Path(directory) / posixpath.basename(source.rstrip("/"))
+        if distributed.from_environ().local_rank == 0:
+            _log.info("downloading %s to %s", source, local)
+            storage.download(source, local)
+        distributed.barrier()
+        return str(local)
+    return str(checkpoint.find(source) or source)
+
+
 def read_state_dict(source: Any, drop_non_tensors: bool = False) -> tuple[dict[str, Any], str]:
     """A checkpoint's tensors by name, from a path (a bare state dict or a dict with a "model" one)
     or a state dict. Non-tensor entries are an error, or dropped with `drop_non_tensors`.
