@@ -193,7 +193,7 @@ class _Trainer:
             log.info("resuming from %s (step %d)", resume_from, state["global_step"])
         elif cfg.pretrained:  # 2. pretrained weights
             source = local_source(cfg.pretrained, self.run_dir / "pretrained")
-            log.info("%s", self.recipe.load_pretrained(model, source))
+            self.recipe.load_pretrained(model, source)  # each family's loader logs its report
         # 3. otherwise: the initialisation the recipe made from `seed`
         if cfg.epochs == 0:  # evaluation only, e.g. of a released fine-tuned checkpoint
             if not cfg.pretrained and resume_from is None:
