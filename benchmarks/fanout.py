@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -68,6 +70,41 @@ def one_run(tpu: TpuClient, node_id: str, size: int, ssh: SshConfig, metadata: s
         tpu.delete_node(node_id)
 
 
+def connection_cost(tpu: TpuClient, workers_dir: Path, ssh: SshConfig, metadata: str, count: int) -> None:
+    """One connection's wall time and CPU, client and server apart: `count` ssh runs, one after the
+    other, to a 1-host node. The server's CPU is what its sshd's reaped children used (privilege
+    separation and session processes, the remote shell included)."""
+    name = tpu.create_node("bench-cost", TpuSpec(ACCELERATORS[1], "tpu-ubuntu2204-base", metadata=metadata))
+    node = tpu.wait_until(name, "READY", timeout_s=60)
+    try:
+        (pid_file,) = [p for p in workers_dir.rglob("sshd.pid") if "bench-cost" in str(p)]
+        sshd = int(pid_file.read_text())
+
+        def server_cpu() -> float:  # utime + stime + cutime + cstime of the listening sshd
+            fields = Path(f"/proc/{sshd}/stat").read_text().rsplit(")", 1)[1].split()
+            return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+        argv = ssh_command(ssh, node.worker_ips[0], "echo running", Path(tempfile.mkdtemp()) / "known_hosts")
+        subprocess.run(argv, capture_output=True, check=True)  # known_hosts written, caches warm
+        before, server_before, start = (
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+            server_cpu(),
+            time.perf_counter(),
+        )
+        for _ in range(count):
+            subprocess.run(argv, capture_output=True, check=True)
+        wall = time.perf_counter() - start
+        after, server_after = resource.getrusage(resource.RUSAGE_CHILDREN), server_cpu()
+        client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        ms = lambda t: f"{1000 * t / count:.1f} ms"  # noqa: E731
+        print(
+            f"one connection ({count} in a row): wall {ms(wall)}, CPU: ssh client {ms(client)}, "
+            f"sshd side {ms(server_after - server_before)}; the rest of the wall time is waiting"
+        )
+    finally:
+        tpu.delete_node("bench-cost")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,6 +113,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--port", type=int, default=0, help="the workers' sshd port (0: a free one)")
     parser.add_argument("--variants", nargs="+", default=["fanout", "sntrup761", "sequential"])
+    parser.add_argument(
+        "--cost", type=int, default=20, help="connections for the per-connection cost (0: skip)"
+    )
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
@@ -83,7 +123,7 @@ def main() -> None:
     user = getpass.getuser()
     metadata = {"ssh-keys": ssh_keys_metadata(user, public)}
     port = args.port or free_port()
-    config = FakeTpuConfig(workers={ACCELERATORS[n]: n for n in args.sizes})
+    config = FakeTpuConfig(workers={ACCELERATORS[n]: n for n in {1, *args.sizes}})
     base = SshConfig(user, key, port=port)
     variants = {
         "fanout": base,
@@ -105,6 +145,8 @@ def main() -> None:
                 print(
                     f"  {variant:<12} {size:>2} workers: " + " ".join(f"{t:.3f}" for t in times), flush=True
                 )
+        if args.cost:
+            connection_cost(tpu, scratch / "workers", base, metadata, args.cost)
 
     print()
     print(f"READY -> all workers running (s), {args.repeats} runs each, sshd on 127.0.0.x:{port}")
