@@ -1,5 +1,7 @@
 """Frame sampling (upstream's get_frame_indices) and selective decoding."""
 
+import io
+
 import av
 import numpy as np
 import pytest
@@ -202,3 +204,28 @@ def test_mpeg4_fallback_videos_decode_the_same_way(tmp_path):
     assert vlen == 24
     for frame, index in zip(frames, indices, strict=True):
         np.testing.assert_array_equal(frame, reference[index])
+
+
+class _InMemory(io.BytesIO):
+    """A video's bytes that name themselves, as ClipBERT's LMDB store hands them over."""
+
+    def __fspath__(self) -> str:
+        return "memory:long.mp4"
+
+
+def test_mp4_probe_decodes_nothing_and_every_read_returns_the_full_decodes_frames(long_video, tmp_path):
+    # FFmpeg's stream probe would decode the first frame to learn the pixel format; for MP4 the reader
+    # skips that (the decoder finds the format itself), other containers are probed as usual.
+    with video._open(long_video) as container:
+        assert container.streams.video[0].codec_context.pix_fmt is None
+    mkv = tmp_path / "probed.mkv"
+    write_video(mkv, _frames(12), fps=8)
+    with video._open(mkv) as container:
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv420p"
+    reference = _decode_all(long_video)
+    indices = [0, 5, 137, 140, 299, 12]
+    for source in (lambda: long_video, lambda: _InMemory(long_video.read_bytes())):
+        assert video_info(source()) == (300, 25.0)
+        frames = read_clip_frames(source(), indices, index_threshold=10)
+        for frame, index in zip(frames, indices, strict=True):
+            np.testing.assert_array_equal(frame, reference[index])
