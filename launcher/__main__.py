@@ -23,9 +23,37 @@ def _value_of(args: list[str], key: str) -> str | None:
     return None
 
 
+# Hydra's flags that take a value (the next word); its others (-m, --resolve, ...) take none.
+_HYDRA_VALUE_FLAGS = frozenset(
+    {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+)
+
+_INFO_TOPICS = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+
+
+def _flags_first(args: list[str]) -> list[str]:
+    """Hydra's flags before the overrides, wherever they were typed: Hydra's parser takes them only
+    there (`dataset=msrvtt -m seed=1,2` would be refused with a usage screen)."""
+    flags, overrides, last, i = [], [], [], 0
+    while i < len(args):
+        word = args[i]
+        follows = args[i + 1] if i + 1 < len(args) else None
+        if word in ("--info", "-i") and follows not in _INFO_TOPICS:
+            last.append(word)  # its topic is optional: anything after it would be taken for one
+            i += 1
+        elif word.startswith("-") and "=" not in word:
+            take = 2 if (word in _HYDRA_VALUE_FLAGS or word in ("--info", "-i")) and follows else 1
+            flags += args[i : i + take]
+            i += take
+        else:
+            overrides.append(word)
+            i += 1
+    return flags + overrides + last
+
+
 def normalise(args: list[str]) -> list[str]:
-    """Expand our flags and tie `backend=` to `hydra/launcher=`."""
-    args = [_FLAGS.get(a, a) for a in args]
+    """Expand our flags, put Hydra's first and tie `backend=` to `hydra/launcher=`."""
+    args = _flags_first([_FLAGS.get(a, a) for a in args])
     backend = _value_of(args, "backend")
     plugin = _value_of(args, "hydra/launcher")
     for value, what in ((backend, "backend"), (plugin, "hydra/launcher")):

@@ -7,6 +7,7 @@ Nothing here touches the filesystem or a scheduler except to *check* that inputs
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -67,8 +68,12 @@ def job_labels(overrides: list[list[str]]) -> list[str]:
             for o in job
             if o not in shared and o.split("=")[0].lstrip("+~").split(".")[0] not in _LAUNCH_KEYS
         ]
-        labels.append(" ".join(keep) or "(defaults)")
+        # A swept value comes back in Hydra's escaped form (gs\://b/x): shown as typed.
+        labels.append(_HYDRA_ESCAPE.sub(r"\1", " ".join(keep)) or "(defaults)")
     return labels
+
+
+_HYDRA_ESCAPE = re.compile(r"\\([\\()\[\]{}:=, ])")
 
 
 def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -40,23 +40,19 @@ def test_evaluating_a_saved_checkpoint_reproduces_its_metrics(tmp_path, fake_gcs
     log = (evaluated / "logs" / "rank0.log").read_text()
     assert "Loaded 140/140 model tensors" in log
     assert not (evaluated / "checkpoints").exists(), "evaluation alone trains nothing and saves nothing"
-    # The run directory stands for its latest checkpoint (how a user fine-tunes from a pretraining run).
-    launch(tmp_path, "trainer.epochs=0", f"trainer.pretrained={run}", "sweep_id=eval_dir")
-    by_dir = tmp_path / "eval_dir" / "jobs" / "0"
-    assert (
-        json.loads((by_dir / "metrics.json").read_text())["metrics"]
-        == json.loads((run / "metrics.json").read_text())["metrics"]
-    )
-    assert f"Loaded 140/140 model tensors from {checkpoint}" in (by_dir / "logs" / "rank0.log").read_text()
-    # A checkpoint in a bucket is downloaded into the run dir, checked against its MD5, and loaded.
+    # The run directory stands for its latest checkpoint (how a user fine-tunes from a pretraining run),
+    # and a checkpoint in a bucket is downloaded into the run dir, checked against its MD5, and loaded.
     from trainers.core import storage
 
     url = "gs://vl-test/weights/ckpt_trained.pth"
     storage.upload(checkpoint, url)
-    launch(tmp_path, "trainer.epochs=0", f"trainer.pretrained={url}", "sweep_id=eval_gcs")
-    by_url = tmp_path / "eval_gcs" / "jobs" / "0"
-    assert (
-        json.loads((by_url / "metrics.json").read_text())["metrics"]
-        == json.loads((run / "metrics.json").read_text())["metrics"]
-    )
-    assert (by_url / "pretrained" / "ckpt_trained.pth").read_bytes() == checkpoint.read_bytes()
+    launch(tmp_path, "-m", "trainer.epochs=0", f"trainer.pretrained={run},{url}", "sweep_id=more")
+    for job in (tmp_path / "more" / "jobs" / "0", tmp_path / "more" / "jobs" / "1"):
+        assert (
+            json.loads((job / "metrics.json").read_text())["metrics"]
+            == json.loads((run / "metrics.json").read_text())["metrics"]
+        )
+    log = (tmp_path / "more" / "jobs" / "0" / "logs" / "rank0.log").read_text()
+    assert f"Loaded 140/140 model tensors from {checkpoint}" in log
+    downloaded = tmp_path / "more" / "jobs" / "1" / "pretrained" / "ckpt_trained.pth"
+    assert downloaded.read_bytes() == checkpoint.read_bytes()

@@ -113,3 +113,8 @@ def test_job_labels_show_what_differs():
     )
     assert labels == ["dataset=didemo", "dataset=msrvtt"]
     assert job_labels([["backend=slurm", "dataset=msrvtt"]]) == ["dataset=msrvtt"]
+    # A swept URL comes back escaped from Hydra's sweep expansion; the label shows it as typed.
+    assert job_labels([[r"trainer.pretrained=gs\://b/x.pth"], ["trainer.pretrained=/w/y"]]) == [
+        "trainer.pretrained=gs://b/x.pth",
+        "trainer.pretrained=/w/y",
+    ]

@@ -231,6 +231,15 @@ def test_slurm_without_a_reachable_cluster_says_how_to_reach_one(tmp_path, monke
     )
 
 
+def test_flags_work_wherever_they_are_typed(tmp_path):
+    first = launcher("-m", "dataset=didemo,msrvtt", "seed=3", "--dry-run", runs=tmp_path, check=True)
+    later = launcher("dataset=didemo,msrvtt", "--dry-run", "seed=3", "-m", runs=tmp_path, check=True)
+    jobs = lambda out: [line for line in out.splitlines() if line.startswith("# job")]  # noqa: E731
+    assert jobs(first.stdout) == jobs(later.stdout) == ["# job 0: dataset=didemo", "# job 1: dataset=msrvtt"]
+    cfg = launcher("dataset=msrvtt", "--cfg", "job", runs=tmp_path, check=True)
+    assert "name: msrvtt" in cfg.stdout
+
+
 def test_local_cannot_span_nodes(tmp_path):
     proc = launcher("backend.nodes=2", runs=tmp_path)
     assert proc.returncode == 2 and "backend=slurm" in proc.stderr
