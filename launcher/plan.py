@@ -116,6 +116,12 @@ def check_dataset(dataset: dict[str, Any]) -> None:
     """Fail on the laptop when a real dataset's files are missing (sample data is made on demand)."""
     root = dataset.get("data_root")
     if root is None:
+        scale = dataset.get("sample_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+            raise LaunchError(
+                f"dataset.sample_scale={scale} must be a number > 0 (the generated sample's size: 1.0 is "
+                "the full sample, 0.1 a tenth)"
+            )
         return
     root_path = Path(root).expanduser()
     needed = [("annotation file", dataset["anno"][split]) for split in dataset["anno"]]
@@ -206,6 +212,10 @@ def plan_sweep(
         if cfg["backend"]["name"] != backend:
             raise LaunchError("one sweep runs on one backend; do not sweep over backend=")
         absolute_paths(cfg)
+        if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
+            raise LaunchError(
+                f"seed={cfg['seed']} must be a whole number (it seeds every random stream of the job)"
+            )
         module = check_trainer(cfg, checked)
         if backend.startswith("tpu_") and FAMILIES[cfg["trainer"]["family"]].framework != "jax":
             jax_families = sorted(n for n, f in FAMILIES.items() if f.framework == "jax")

@@ -240,6 +240,24 @@ def test_flags_work_wherever_they_are_typed(tmp_path):
     assert "name: msrvtt" in cfg.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["seed=abc"], "error: seed=abc must be a whole number"),
+        (["dataset.sample_scale=0"], "error: dataset.sample_scale=0 must be a number > 0"),
+        (["trainer.num_workers=-2"], "error: trainer=singularity: trainer.num_workers must be >= 0"),
+        (
+            ["trainer=clipbert", "trainer.batch_size_test=0"],
+            "error: trainer=clipbert: trainer.batch_size_test must be >= 1",
+        ),
+    ],
+)
+def test_values_a_job_cannot_run_with_are_refused_at_plan_time(tmp_path, args, expected):
+    proc = launcher(*args, "--dry-run", runs=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(expected) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_local_cannot_span_nodes(tmp_path):
     proc = launcher("backend.nodes=2", runs=tmp_path)
     assert proc.returncode == 2 and "backend=slurm" in proc.stderr

@@ -21,6 +21,7 @@ from trainers.core.configs import (  # noqa: F401 - optional_schema: the launche
     AMP_CHOICES,
     BertTextConfig,
     OptimConfig,
+    check_counts,
     drop_unset,
     merge,
     optional_schema,
@@ -389,8 +390,7 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
             f"trainer.resize_size ({config.resize_size}) must be >= trainer.model.video.image_size "
             f"({config.model.video.image_size}): training crops image_size out of the resized frames"
         )
-    if config.epochs < 0 or config.batch_size < 1:
-        raise ValueError("trainer.epochs must be >= 0 (0: evaluate only) and trainer.batch_size >= 1")
+    check_counts(config)
     _check_stage(config, dataset, pretraining)
     return config
 

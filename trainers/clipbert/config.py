@@ -22,6 +22,7 @@ from typing import Any
 from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
     AMP_CHOICES,
     OptimConfig,
+    check_counts,
     drop_unset,
     merge,
     optional_schema,
@@ -409,10 +410,7 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
         raise ValueError(
             f"trainer.max_n_example_per_group must be >= 1, got {config.max_n_example_per_group}"
         )
-    if config.epochs < 0 or config.batch_size < 1 or config.batch_size_test < 1:
-        raise ValueError(
-            "trainer.epochs must be >= 0 (0: evaluate only), trainer.batch_size and batch_size_test >= 1"
-        )
+    check_counts(config, "batch_size_test")
     if task == "retrieval" and config.batch_size < 2 and config.epochs > 0:
         raise ValueError(
             "trainer.batch_size must be >= 2 for retrieval: ITM negatives come from other videos"

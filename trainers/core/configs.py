@@ -107,6 +107,19 @@ class BertTextConfig:
     mask_token_id: int = 103
 
 
+def check_counts(config: Any, *batch_sizes: str) -> None:
+    """The counts every trainer loops over, checked the same way: `epochs` >= 0 (0: evaluate only),
+    `batch_size` and the other named batch sizes >= 1, `num_workers` (where there is one) >= 0."""
+    if config.epochs < 0:
+        raise ValueError(f"trainer.epochs must be >= 0 (0: evaluate only), got {config.epochs}")
+    for name in ("batch_size", *batch_sizes):
+        if getattr(config, name) < 1:
+            raise ValueError(f"trainer.{name} must be >= 1, got {getattr(config, name)}")
+    workers = getattr(config, "num_workers", 0)
+    if workers < 0:
+        raise ValueError(f"trainer.num_workers must be >= 0 (0: load in the training process), got {workers}")
+
+
 def require_answer_list(dataset: Mapping[str, Any], family: str) -> None:
     """QA as classification over a fixed answer list needs `dataset.anno.answer_list`; the custom
     jsonl QA format has none (ClipBERT builds its list from the training answers)."""

@@ -31,6 +31,7 @@ from typing import Any
 from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
     AMP_CHOICES,
     OptimConfig,
+    check_counts,
     drop_unset,
     merge,
     optional_schema,
@@ -446,10 +447,7 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
     config.model.validate()
     if config.amp not in AMP_CHOICES:
         raise ValueError(f"trainer.amp={config.amp!r}; valid: {', '.join(AMP_CHOICES)}")
-    if config.epochs < 0 or config.batch_size < 1 or config.batch_size_test < 1:
-        raise ValueError(
-            "trainer.epochs must be >= 0 (0: evaluate only), trainer.batch_size and batch_size_test >= 1"
-        )
+    check_counts(config, "batch_size_test")
     if config.frame_sample_rate < 1:
         raise ValueError(f"trainer.frame_sample_rate must be >= 1, got {config.frame_sample_rate}")
     if not config.fbank_std > 0:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainers.core.configs import (  # noqa: F401 - optional_schema: the launcher reads it here
+    check_counts,
     drop_unset,
     merge,
     optional_schema,
@@ -362,8 +363,7 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
     config.model.validate()
     if config.on_bad_input not in ON_BAD_INPUT:
         raise ValueError(f"trainer.on_bad_input={config.on_bad_input!r}; valid: {', '.join(ON_BAD_INPUT)}")
-    if config.epochs < 0 or config.batch_size < 1 or config.batch_size_eval < 1:
-        raise ValueError("trainer.epochs must be >= 0 and trainer.batch_size, batch_size_eval >= 1")
+    check_counts(config, "batch_size_eval")
     if config.save_every < 0 or config.keep_checkpoints < 1 or config.log_every < 1:
         raise ValueError("trainer.save_every must be >= 0, keep_checkpoints and log_every >= 1")
     if config.segment_seconds <= 0:

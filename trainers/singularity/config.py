@@ -15,6 +15,7 @@ from trainers.core.configs import (  # noqa: F401 - optional_schema: the launche
     AMP_CHOICES,
     BertTextConfig,
     OptimConfig,
+    check_counts,
     drop_unset,
     merge,
     optional_schema,
@@ -256,6 +257,5 @@ def resolve(trainer: Mapping[str, Any], dataset: Mapping[str, Any]) -> TrainConf
     config = replace_checked(TrainConfig(), values, "trainer")
     if config.amp not in AMP_CHOICES:
         raise ValueError(f"trainer.amp={config.amp!r}; valid: {', '.join(AMP_CHOICES)}")
-    if config.epochs < 0 or config.batch_size < 1:
-        raise ValueError("trainer.epochs must be >= 0 (0: evaluate only) and trainer.batch_size >= 1")
+    check_counts(config)
     return config
