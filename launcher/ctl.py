@@ -579,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from launcher.backends.slurm import adopt_local_cluster
+
+    adopt_local_cluster()  # squeue/sacct/scancel find the local test cluster as the launch did
     reg = Registry(args.registry)
     try:
         return args.run(reg, args)

@@ -172,6 +172,29 @@ class Submission:
         return {"array_ids": self.array_ids, "job_ids": self.job_ids}
 
 
+# Where Slurm's commands look for a config when SLURM_CONF is not set (configless clusters aside).
+SYSTEM_SLURM_CONF = Path("/etc/slurm/slurm.conf")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def adopt_local_cluster() -> str | None:
+    """Point Slurm's commands (ours and the jobs') at this machine's test cluster when nothing else
+    names a cluster: SLURM_CONF unset, no system slurm.conf, and `infra/local_slurm.sh up` running
+    (its slurmctld alive). Returns that slurm.conf when it was adopted, else None (nothing changed)."""
+    if os.environ.get("SLURM_CONF") or SYSTEM_SLURM_CONF.exists():
+        return None
+    state = Path(os.environ.get("VLAUNCH_SLURM_STATE") or _REPO / ".state" / "slurm")
+    conf = state / "etc" / "slurm.conf"
+    try:
+        pid = int((state / "run" / "slurmctld.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not conf.is_file() or not Path(f"/proc/{pid}").exists():
+        return None
+    os.environ["SLURM_CONF"] = str(conf)
+    return str(conf)
+
+
 def submit(plan: SweepPlan) -> Submission:
     """Submit every job; returns as soon as Slurm has accepted them all."""
     import submitit
@@ -182,6 +205,11 @@ def submit(plan: SweepPlan) -> Submission:
     if shutil.which("sbatch") is None:
         raise LaunchError(
             "sbatch not found on PATH: run on a Slurm login node (or start infra/local_slurm.sh up)"
+        )
+    adopted = adopt_local_cluster()
+    if adopted:
+        print(
+            f"  SLURM_CONF is not set and this machine has no Slurm config: using the local cluster ({adopted})"
         )
     conf = os.environ.get("SLURM_CONF")
     if conf and not os.path.isfile(conf):  # sbatch would retry for a minute before saying so

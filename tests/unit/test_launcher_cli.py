@@ -258,6 +258,28 @@ def test_values_a_job_cannot_run_with_are_refused_at_plan_time(tmp_path, args, e
     assert proc.stderr.startswith(expected) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_a_machine_without_slurm_config_uses_the_running_local_cluster(tmp_path, monkeypatch):
+    from launcher.backends import slurm
+
+    state = tmp_path / "state"
+    (state / "etc").mkdir(parents=True)
+    (state / "run").mkdir()
+    conf = state / "etc" / "slurm.conf"
+    conf.write_text("ClusterName=vlaunch\n")
+    monkeypatch.setattr(slurm, "SYSTEM_SLURM_CONF", tmp_path / "no-system-slurm.conf")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    monkeypatch.setenv("VLAUNCH_SLURM_STATE", str(state))
+    assert slurm.adopt_local_cluster() is None and "SLURM_CONF" not in os.environ  # not running
+    (state / "run" / "slurmctld.pid").write_text(f"{os.getpid()}\n")
+    assert slurm.adopt_local_cluster() == str(conf) and os.environ["SLURM_CONF"] == str(conf)
+    # The user's SLURM_CONF, or a config of the machine's own, always wins.
+    monkeypatch.setenv("SLURM_CONF", "/cluster/slurm.conf")
+    assert slurm.adopt_local_cluster() is None and os.environ["SLURM_CONF"] == "/cluster/slurm.conf"
+    monkeypatch.delenv("SLURM_CONF")
+    monkeypatch.setattr(slurm, "SYSTEM_SLURM_CONF", conf)
+    assert slurm.adopt_local_cluster() is None and "SLURM_CONF" not in os.environ
+
+
 def test_local_cannot_span_nodes(tmp_path):
     proc = launcher("backend.nodes=2", runs=tmp_path)
     assert proc.returncode == 2 and "backend=slurm" in proc.stderr
