@@ -218,13 +218,15 @@ def run_plan(
     write_run_dirs(plan)
     reg = record_sweep(plan, registry_path(plan, registry_file))
     nums = [j.num for j in plan.jobs]
-    if plan.backend == "local":
+    if plan.backend == "local" or plan.backend.startswith("tpu_"):
         reg.mark(plan.sweep_id, nums, registry.PENDING)
-        EXIT_STATUS = report(run_local(plan, reg, poll_s))
-        return EXIT_STATUS
-    if plan.backend.startswith("tpu_"):
-        reg.mark(plan.sweep_id, nums, registry.PENDING)
-        EXIT_STATUS = report(run_tpu(plan, reg))
+        try:
+            results = run_local(plan, reg, poll_s) if plan.backend == "local" else run_tpu(plan, reg)
+        except KeyboardInterrupt:  # the backend has stopped the jobs (a stop signal: they checkpoint)
+            print(f"interrupted; continue the unfinished jobs with: vlaunch-ctl resume {plan.sweep_id}")
+            EXIT_STATUS = 130
+            return EXIT_STATUS
+        EXIT_STATUS = report(results)
         return EXIT_STATUS
     try:
         submission = backend.submit(plan)

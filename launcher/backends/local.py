@@ -155,7 +155,7 @@ def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = No
         )
         if on_change is not None:
             on_change(run.job.num, state, None, code)
-        note = "" if state == COMPLETED else f" (exit code {code})"
+        note = "" if state == COMPLETED or code is None else f" (exit code {code})"
         progress.done()
         print(
             f"  job {run.job.num} ({run.job.label}) {state}{note} after {time.monotonic() - run.started:.0f} s"

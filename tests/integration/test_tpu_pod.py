@@ -203,7 +203,9 @@ def test_ctrl_c_stops_the_hosts_and_deletes_the_queued_resource(pod):
     read_until(proc, lambda: any("starting at step" in line for line in proc.lines))
     proc.send_signal(signal.SIGINT)
     code, text = finish(proc)
-    assert code != 0
+    assert code == 130 and "interrupted; continue the unfinished jobs with: vlaunch-ctl resume" in text, text[
+        -4000:
+    ]
     assert "stopping the trainer on 2 host(s)" in text, text[-4000:]
     # Even with teardown=keep, an interrupted queued resource must not keep holding quota.
     assert "deleting queued resource" in text, text[-4000:]

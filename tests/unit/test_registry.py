@@ -451,6 +451,32 @@ def test_ctl_logs_follow_and_cancel_of_local_jobs(tmp_path, monkeypatch, capsys)
     assert "line 0" in capsys.readouterr().out
 
 
+def test_ctrl_c_on_a_local_sweep_stops_its_jobs_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from launcher.backends import local
+
+    monkeypatch.setattr(sweep.snapshot, "attach", lambda plan: None)
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "ctrlc", [(1000, 0.1, 0), (1000, 0.1, 0)])
+
+    def ctrl_c(seconds: float) -> None:  # the launcher's first wait between polls: Ctrl-C arrives
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "time", SimpleNamespace(sleep=ctrl_c, monotonic=time.monotonic))
+    try:
+        code = sweep.run_plan(plan, dry_run=False, wait=False, registry_file=str(reg_path))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C went up to the user as a traceback")
+    assert code == 130
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("interrupted; continue the unfinished jobs with: vlaunch-ctl resume ctrlc")
+    assert "exit code None" not in out
+    with Registry(reg_path) as r:
+        for job in r.jobs("ctrlc"):
+            assert job.state == "CANCELLED" and not registry.local_pids_alive(job.handle, job.run_dir)
+
+
 # --------------------------------------------------------------------------------- relaunch plans
 
 
