@@ -226,6 +226,10 @@ def run_plan(
             print(f"interrupted; continue the unfinished jobs with: vlaunch-ctl resume {plan.sweep_id}")
             EXIT_STATUS = 130
             return EXIT_STATUS
+        except LaunchError as e:  # e.g. staging failed: what never started is not left PENDING
+            waiting = [j.num for j in reg.jobs(plan.sweep_id) if j.state == registry.PENDING]
+            reg.mark(plan.sweep_id, waiting, registry.FAILED_TO_SUBMIT, error=str(e))
+            raise
         EXIT_STATUS = report(results)
         return EXIT_STATUS
     try:

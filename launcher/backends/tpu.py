@@ -33,12 +33,14 @@ are copied into the local run dir at the end, so `vlaunch-ctl` and the results t
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 import shlex
 import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,6 +253,20 @@ class _Attempt:
     first_failure: int | None
 
 
+def _check_answers(url: str, setting: str) -> None:
+    """A configured endpoint (an emulator, usually) must accept connections; else one line, at once,
+    instead of a client retrying for half a minute."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=5).close()
+    except OSError as e:
+        raise LaunchError(
+            f"nothing answers at {url} ({setting}: {e.strerror or e}); if it is this machine's emulated "
+            "TPU cloud (site=local_tpu), start it with infra/local_tpu.sh up"
+        ) from None
+
+
 def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
     """Run every job of the plan on its TPU, one after another; return when all have ended.
 
@@ -266,6 +282,11 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
         os.environ.update(gcs_emulator_env(first["gcs_endpoint"]))  # our own staging and reads
     commit, diff_hash = registry.git_facts(Path(__file__).resolve().parents[2])
     print(f"sweep {plan.sweep_id}: {len(plan.jobs)} job(s) on {plan.backend}, one after another")
+    for key in ("gcs_endpoint", "api_endpoint"):  # emulators: say at once when one is not running
+        if first.get(key):
+            _check_answers(first[key], f"backend.{key}")
+    # gcsfs logs every exhausted retry with a traceback; the error line below says the same in one line.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     print(f"  staging the code ({len(files)} files) to {first['bucket']}", flush=True)
     code = staging.stage_code(Path(plan.code_dir), files, first["bucket"].rstrip("/"), commit, diff_hash)
     results: list[JobResult] = []

@@ -477,6 +477,21 @@ def test_ctrl_c_on_a_local_sweep_stops_its_jobs_and_says_how_to_resume(tmp_path,
             assert job.state == "CANCELLED" and not registry.local_pids_alive(job.handle, job.run_dir)
 
 
+def test_a_local_or_tpu_sweep_that_fails_to_start_leaves_no_job_pending(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep.snapshot, "attach", lambda plan: None)
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "nostart", [(1, 0.1, 0), (1, 0.1, 0)])
+
+    def staging_fails(*args, **kwargs):
+        raise LaunchError("staging the code to gs://b/code.tar.gz failed: connection refused")
+
+    monkeypatch.setattr(sweep, "run_local", staging_fails)
+    with pytest.raises(LaunchError):
+        sweep.run_plan(plan, dry_run=False, wait=False, registry_file=str(reg_path))
+    with Registry(reg_path) as r:
+        assert [j.state for j in r.jobs("nostart")] == [registry.FAILED_TO_SUBMIT] * 2
+
+
 # --------------------------------------------------------------------------------- relaunch plans
 
 

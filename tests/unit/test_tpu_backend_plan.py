@@ -108,3 +108,18 @@ def test_pytorch_trainers_are_refused_on_tpu(capsys):
         monkey.undo()
     assert e.value.code == 2
     assert "is a PyTorch trainer" in capsys.readouterr().err
+
+
+def test_an_emulator_endpoint_that_does_not_answer_is_one_line_at_once():
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        tpu._check_answers(f"http://127.0.0.1:{port}", "backend.gcs_endpoint")  # answers: no error
+    with pytest.raises(LaunchError) as raised:  # the same port, closed now
+        tpu._check_answers(f"http://127.0.0.1:{port}", "backend.gcs_endpoint")
+    message = str(raised.value)
+    assert message.startswith(f"nothing answers at http://127.0.0.1:{port} (backend.gcs_endpoint: ")
+    assert "infra/local_tpu.sh up" in message and "\n" not in message
