@@ -223,9 +223,12 @@ def plan_sweep(
                 f"trainer={cfg['trainer']['family']} is a PyTorch trainer and backend={backend} runs JAX "
                 f"trainers ({', '.join(jax_families) or 'none registered'}); use backend=slurm or local for it"
             )
-        check_dataset(cfg["dataset"])
-        check_weight_paths(cfg["trainer"])
         resources = effective_backend(cfg["backend"], cfg.get("site", {}))
+        # Local paths are read where the job runs: here, on Slurm's shared filesystem or on emulated TPU
+        # hosts (this machine), so they are checked here; a real TPU VM's disks are not ours to look at.
+        if not backend.startswith("tpu_") or resources.get("emulated"):
+            check_dataset(cfg["dataset"])
+            check_weight_paths(cfg["trainer"])
         run_dir = sweep_dir / "jobs" / str(num)
         interpreter = resources.get("python") or python or sys.executable
         job_cfg = {

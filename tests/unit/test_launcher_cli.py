@@ -205,8 +205,21 @@ def test_missing_pretrained_weights_stop_the_launch_before_submitting(tmp_path):
             "(runs/<sweep>/jobs/<n>: its latest checkpoint) or a gs:// URL"
         )
     assert not any(tmp_path.iterdir()), "nothing is recorded or submitted"
-    # A URL is read where the job runs: it plans.
+    # A URL is read where the job runs: it plans. So is a path on a real TPU VM's disks (not this
+    # machine's to check); on emulated TPU hosts (this machine) it is checked again.
     launcher("trainer.pretrained=gs://bucket/ckpt.pth", "--dry-run", runs=tmp_path, check=True)
+    tpu = [
+        "trainer=reserve",
+        "backend=tpu_pod",
+        "backend.project=p",
+        "backend.zone=z",
+        "backend.bucket=gs://b",
+    ]
+    launcher(*tpu, f"trainer.pretrained={missing}", "--dry-run", runs=tmp_path, check=True)
+    emulated = launcher(
+        *tpu, "backend.emulated=true", f"trainer.pretrained={missing}", "--dry-run", runs=tmp_path
+    )
+    assert emulated.returncode == 2 and "does not exist" in emulated.stderr
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs the Slurm client (make test installs it)")
