@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import registry
+from launcher.errors import LaunchError
 from launcher.registry import Job, Registry, RegistryError, Sweep
 
 REFRESH_MAX_AGE_S = 10.0  # sacct is asked about a sweep at most this often, unless --refresh
@@ -328,15 +329,18 @@ def relaunch(reg: Registry, sweep: Sweep, jobs: list[Job], *, code_dir: str | No
             kind="resubmit",
             detail=why,
         )
-        return apply.report(apply.run_local(plan, reg, poll_s=1.0, num_of=num_of))
+        return apply.run_here(plan, reg, num_of=num_of)
     if sweep.backend.startswith("tpu_"):
+        from launcher import snapshot
+
+        snapshot.attach(plan)  # the hosts get staged code: today's (resubmit) or the sweep's (resume)
         reg.update(
             sweep.id,
             [registry.Observation(num=n, state=registry.PENDING) for n in num_of.values()],
             kind="resubmit",
             detail=why,
         )
-        return apply.report(apply.run_tpu(plan, reg, num_of=num_of))
+        return apply.run_here(plan, reg, num_of=num_of)
     from launcher.errors import LaunchError
 
     try:
@@ -585,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     reg = Registry(args.registry)
     try:
         return args.run(reg, args)
-    except (RegistryError, CtlError) as e:
+    except (RegistryError, CtlError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -199,6 +199,26 @@ def run_tpu(plan: SweepPlan, reg: registry.Registry, num_of=None) -> list[JobRes
     return backends.get(plan.backend).run(plan, on_change=job_recorder(plan, reg, num_of))
 
 
+def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, num_of=None) -> int:
+    """Run a local or TPU plan to its end (the launch blocks), print the results, return the exit
+    status. Ctrl-C: the backend has stopped the jobs (they checkpoint), and one line says how to go
+    on (130). A failure before the jobs start (staging, say) leaves them FAILED_TO_SUBMIT."""
+    try:
+        if plan.backend == "local":
+            results = run_local(plan, reg, poll_s, num_of)
+        else:
+            results = run_tpu(plan, reg, num_of)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue the unfinished jobs with: vlaunch-ctl resume {plan.sweep_id}")
+        return 130
+    except LaunchError as e:
+        nums = list(num_of.values()) if num_of else [j.num for j in plan.jobs]
+        waiting = [j.num for j in reg.jobs(plan.sweep_id, nums) if j.state == registry.PENDING]
+        reg.mark(plan.sweep_id, waiting, registry.FAILED_TO_SUBMIT, error=str(e))
+        raise
+    return report(results)
+
+
 def run_plan(
     plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0, registry_file: str | None = None
 ) -> int:
@@ -220,17 +240,7 @@ def run_plan(
     nums = [j.num for j in plan.jobs]
     if plan.backend == "local" or plan.backend.startswith("tpu_"):
         reg.mark(plan.sweep_id, nums, registry.PENDING)
-        try:
-            results = run_local(plan, reg, poll_s) if plan.backend == "local" else run_tpu(plan, reg)
-        except KeyboardInterrupt:  # the backend has stopped the jobs (a stop signal: they checkpoint)
-            print(f"interrupted; continue the unfinished jobs with: vlaunch-ctl resume {plan.sweep_id}")
-            EXIT_STATUS = 130
-            return EXIT_STATUS
-        except LaunchError as e:  # e.g. staging failed: what never started is not left PENDING
-            waiting = [j.num for j in reg.jobs(plan.sweep_id) if j.state == registry.PENDING]
-            reg.mark(plan.sweep_id, waiting, registry.FAILED_TO_SUBMIT, error=str(e))
-            raise
-        EXIT_STATUS = report(results)
+        EXIT_STATUS = run_here(plan, reg, poll_s=poll_s)
         return EXIT_STATUS
     try:
         submission = backend.submit(plan)

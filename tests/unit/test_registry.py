@@ -492,6 +492,38 @@ def test_a_local_or_tpu_sweep_that_fails_to_start_leaves_no_job_pending(tmp_path
         assert [j.state for j in r.jobs("nostart")] == [registry.FAILED_TO_SUBMIT] * 2
 
 
+def test_resubmitting_a_tpu_sweep_stages_todays_code_and_a_failed_start_is_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    from launcher.results import JobResult
+
+    reg_path = tmp_path / "registry.sqlite"
+    plan = make_plan(tmp_path, "tpu1", 1)
+    plan.backend = "tpu_pod"
+    with Registry(reg_path) as r:
+        record(r, plan)
+        r.mark("tpu1", [0], registry.FAILED_TO_SUBMIT, error="staging failed")
+    staged = []
+
+    def run_tpu(plan, reg, num_of=None):  # the TPU backend stages plan.code_dir to the bucket
+        staged.append(plan.code_dir)
+        if len(staged) == 1:
+            raise LaunchError("nothing answers at http://127.0.0.1:1 (backend.gcs_endpoint)")
+        return [JobResult(0, "seed=0", "COMPLETED", 0)]
+
+    monkeypatch.setattr(sweep, "run_tpu", run_tpu)
+    ctl_args = ["--registry", str(reg_path), "resubmit", "tpu1", "--failed"]
+    assert ctl.main(ctl_args) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: nothing answers at http://127.0.0.1:1 (backend.gcs_endpoint)"
+    )
+    with Registry(reg_path) as r:
+        assert r.jobs("tpu1")[0].state == registry.FAILED_TO_SUBMIT  # not left PENDING
+    assert ctl.main(ctl_args) == 0
+    assert staged[0] is not None and (Path(staged[0]) / "launcher" / "ctl.py").is_file()
+
+
 # --------------------------------------------------------------------------------- relaunch plans
 
 
