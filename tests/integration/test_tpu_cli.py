@@ -27,7 +27,8 @@ VENV_PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")  # has fsspec and gcsf
 
 @pytest.fixture
 def fake():
-    config = FakeTpuConfig(create_delay_s=0.05, delete_delay_s=0.02, accept_delay_s=0.02)
+    # CREATING lasts long enough that the progress line shows it even on a busy machine.
+    config = FakeTpuConfig(create_delay_s=0.4, delete_delay_s=0.02, accept_delay_s=0.02)
     with FakeTpuServer(config) as server:
         yield server
 

@@ -33,7 +33,13 @@ def tpu(fake) -> TpuClient:
     return TpuClient(PROJECT, ZONE, endpoint=fake.url, poll_interval_s=0.01)
 
 
-def test_create_node_waits_until_ready_with_an_endpoint_per_worker(tpu):
+def test_create_node_waits_until_ready_with_an_endpoint_per_worker():
+    # CREATING lasts 0.5 s here (0.03 s in the other tests), so even a busy machine's first poll sees it.
+    with FakeTpuServer(FakeTpuConfig(create_delay_s=0.5)) as server:
+        _create_node_and_wait(TpuClient(PROJECT, ZONE, endpoint=server.url, poll_interval_s=0.01))
+
+
+def _create_node_and_wait(tpu: TpuClient) -> None:
     progress = []
     name = tpu.create_node("pod", TpuSpec("v4-32", RUNTIME, capacity="spot", metadata={"ssh-keys": "me:key"}))
     assert name == f"projects/{PROJECT}/locations/{ZONE}/nodes/pod"
@@ -112,7 +118,13 @@ def test_queued_resource_over_quota_goes_failed_with_the_reason(fake, tpu):
     assert tpu.get_queued_resource("qr").error.startswith("RESOURCE_EXHAUSTED: ")
 
 
-def test_spot_queued_resource_becomes_active_with_its_node(tpu):
+def test_spot_queued_resource_becomes_active_with_its_node():
+    # ACCEPTED lasts 0.5 s here, so even a busy machine's first poll sees it.
+    with FakeTpuServer(FakeTpuConfig(create_delay_s=0.03, accept_delay_s=0.5)) as server:
+        _queued_resource_becomes_active(TpuClient(PROJECT, ZONE, endpoint=server.url, poll_interval_s=0.01))
+
+
+def _queued_resource_becomes_active(tpu: TpuClient) -> None:
     name = tpu.create_queued_resource("qr", TpuSpec("v4-16", RUNTIME, capacity="spot"), node_id="qr-node")
     states = []
     queued = tpu.wait_until(name, "ACTIVE", timeout_s=10, on_progress=lambda r, t: states.append(r.state))
