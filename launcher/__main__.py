@@ -38,16 +38,16 @@ def _flags_first(args: list[str]) -> list[str]:
     while i < len(args):
         word = args[i]
         follows = args[i + 1] if i + 1 < len(args) else None
-        if word in ("--info", "-i") and follows not in _INFO_TOPICS:
-            last.append(word)  # its topic is optional: anything after it would be taken for one
-            i += 1
+        if word in ("--info", "-i"):  # its topic is optional: without one it goes last, or the next
+            takes_value = follows in _INFO_TOPICS  # word would be taken for a topic
+            (flags if takes_value else last).extend(args[i : i + 1 + takes_value])
         elif word.startswith("-") and "=" not in word:
-            take = 2 if (word in _HYDRA_VALUE_FLAGS or word in ("--info", "-i")) and follows else 1
-            flags += args[i : i + take]
-            i += take
+            takes_value = word in _HYDRA_VALUE_FLAGS and follows is not None
+            flags.extend(args[i : i + 1 + takes_value])
         else:
+            takes_value = False
             overrides.append(word)
-            i += 1
+        i += 1 + takes_value
     return flags + overrides + last
 
 

@@ -341,8 +341,6 @@ def relaunch(reg: Registry, sweep: Sweep, jobs: list[Job], *, code_dir: str | No
             detail=why,
         )
         return apply.run_here(plan, reg, num_of=num_of)
-    from launcher.errors import LaunchError
-
     try:
         submission = backends.get(sweep.backend).submit(plan)
     except LaunchError as e:

@@ -58,6 +58,10 @@ _LAUNCH_KEYS = {
 }
 
 
+# Hydra's escapes in an override it wrote back (`gs\://b/x`): a backslash before one of these.
+_HYDRA_ESCAPE = re.compile(r"\\([\\()\[\]{}:=, ])")
+
+
 def job_labels(overrides: list[list[str]]) -> list[str]:
     """What sets each job apart: the overrides not shared by every job of the sweep."""
     shared = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
@@ -71,9 +75,6 @@ def job_labels(overrides: list[list[str]]) -> list[str]:
         # A swept value comes back in Hydra's escaped form (gs\://b/x): shown as typed.
         labels.append(_HYDRA_ESCAPE.sub(r"\1", " ".join(keep)) or "(defaults)")
     return labels
-
-
-_HYDRA_ESCAPE = re.compile(r"\\([\\()\[\]{}:=, ])")
 
 
 def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -112,8 +113,9 @@ def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> 
     return resolved
 
 
-def check_dataset(dataset: dict[str, Any]) -> None:
-    """Fail on the laptop when a real dataset's files are missing (sample data is made on demand)."""
+def check_dataset(dataset: dict[str, Any], *, files: bool = True) -> None:
+    """Fail on the laptop on a sample size that cannot be generated and, with `files`, when a real
+    dataset's files are missing (sample data is made on demand)."""
     root = dataset.get("data_root")
     if root is None:
         scale = dataset.get("sample_scale", 1.0)
@@ -122,6 +124,8 @@ def check_dataset(dataset: dict[str, Any]) -> None:
                 f"dataset.sample_scale={scale} must be a number > 0 (the generated sample's size: 1.0 is "
                 "the full sample, 0.1 a tenth)"
             )
+        return
+    if not files:
         return
     root_path = Path(root).expanduser()
     needed = [("annotation file", dataset["anno"][split]) for split in dataset["anno"]]
@@ -151,16 +155,15 @@ def absolute_paths(cfg: dict[str, Any]) -> None:
             cfg[section][key] = str(path if path.is_absolute() else path.resolve())
 
 
-def check_weight_paths(trainer: dict[str, Any]) -> None:
-    """Fail on the laptop when `trainer.pretrained=` / `trainer.prompter=` name a local path that is not
-    there (after `absolute_paths`); URLs are read where the job runs."""
-    for key in ("pretrained", "prompter"):
-        value = trainer.get(key)
-        if isinstance(value, str) and value and "://" not in value and not Path(value).exists():
-            raise LaunchError(
-                f"trainer.{key}={value} does not exist; give a checkpoint file, a run directory "
-                "(runs/<sweep>/jobs/<n>: its latest checkpoint) or a gs:// URL"
-            )
+def check_pretrained(trainer: dict[str, Any]) -> None:
+    """Fail on the laptop when `trainer.pretrained=` names a local path that is not there (after
+    `absolute_paths`); URLs are read where the job runs. (ALPRO's config checks `trainer.prompter=`.)"""
+    value = trainer.get("pretrained")
+    if isinstance(value, str) and value and "://" not in value and not Path(value).exists():
+        raise LaunchError(
+            f"trainer.pretrained={value} does not exist; give a checkpoint file, a run directory "
+            "(runs/<sweep>/jobs/<n>: its latest checkpoint) or a gs:// URL"
+        )
 
 
 def check_trainer(job: dict[str, Any], _checked: dict | None = None) -> str:
@@ -226,9 +229,10 @@ def plan_sweep(
         resources = effective_backend(cfg["backend"], cfg.get("site", {}))
         # Local paths are read where the job runs: here, on Slurm's shared filesystem or on emulated TPU
         # hosts (this machine), so they are checked here; a real TPU VM's disks are not ours to look at.
-        if not backend.startswith("tpu_") or resources.get("emulated"):
-            check_dataset(cfg["dataset"])
-            check_weight_paths(cfg["trainer"])
+        local_paths = not backend.startswith("tpu_") or bool(resources.get("emulated"))
+        check_dataset(cfg["dataset"], files=local_paths)
+        if local_paths:
+            check_pretrained(cfg["trainer"])
         run_dir = sweep_dir / "jobs" / str(num)
         interpreter = resources.get("python") or python or sys.executable
         job_cfg = {

@@ -174,7 +174,6 @@ class Submission:
 
 # Where Slurm's commands look for a config when SLURM_CONF is not set (configless clusters aside).
 SYSTEM_SLURM_CONF = Path("/etc/slurm/slurm.conf")
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def adopt_local_cluster() -> str | None:
@@ -183,7 +182,9 @@ def adopt_local_cluster() -> str | None:
     (its slurmctld alive). Returns that slurm.conf when it was adopted, else None (nothing changed)."""
     if os.environ.get("SLURM_CONF") or SYSTEM_SLURM_CONF.exists():
         return None
-    state = Path(os.environ.get("VLAUNCH_SLURM_STATE") or _REPO / ".state" / "slurm")
+    from launcher.snapshot import SOURCE_ROOT
+
+    state = Path(os.environ.get("VLAUNCH_SLURM_STATE") or SOURCE_ROOT / ".state" / "slurm")
     conf = state / "etc" / "slurm.conf"
     try:
         pid = int((state / "run" / "slurmctld.pid").read_text().strip())

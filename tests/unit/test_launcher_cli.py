@@ -258,6 +258,17 @@ def test_flags_work_wherever_they_are_typed(tmp_path):
     [
         (["seed=abc"], "error: seed=abc must be a whole number"),
         (["dataset.sample_scale=0"], "error: dataset.sample_scale=0 must be a number > 0"),
+        (  # a real TPU's paths are not checked here, its sample size is
+            [
+                "trainer=reserve",
+                "backend=tpu_pod",
+                "backend.project=p",
+                "backend.zone=z",
+                "backend.bucket=gs://b",
+                "dataset.sample_scale=-1",
+            ],
+            "error: dataset.sample_scale=-1 must be a number > 0",
+        ),  # fmt: skip
         (["trainer.num_workers=-2"], "error: trainer=singularity: trainer.num_workers must be >= 0"),
         (
             ["trainer=clipbert", "trainer.batch_size_test=0"],

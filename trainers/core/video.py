@@ -192,7 +192,7 @@ _MOV_PROBE = {"options": {"probesize": "32"}, "stream_options": [{"skip_frame": 
 
 
 def _is_mov(source) -> bool:
-    """An ISO base media file (mp4, m4v, mov): its first box is `ftyp` (or `moov`, `wide`, `mdat`)."""
+    """An ISO base media file (mp4, m4v, mov): its first box is `ftyp` (or `moov`, `wide`, `mdat`, `free`)."""
     try:
         if hasattr(source, "read"):
             start = source.tell()

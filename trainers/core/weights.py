@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -68,9 +70,6 @@ def local_source(source: str, directory: str | os.PathLike) -> str:
     the copy is checked against the bucket's MD5), a run or checkpoints directory stands for its latest
     checkpoint, anything else (a file, a model card folder) is returned as it is.
     """
-    import posixpath
-    from pathlib import Path
-
     from trainers.core import checkpoint, distributed, storage
 
     if storage.is_remote(source):
