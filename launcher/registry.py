@@ -704,8 +704,8 @@ def refresh(
     query_states: QueryStates | None = None,
     now: float | None = None,
 ) -> bool:
-    """Bring a sweep's jobs up to date: one batched sacct call (squeue as fallback) for all its
-    arrays, then the files its jobs wrote. Skipped when the last refresh is younger than
+    """Bring a sweep's jobs up to date: one batched sacct call for all its arrays (squeue for the jobs
+    sacct does not know yet or calls pending), then the files its jobs wrote. Skipped when the last refresh is younger than
     `max_age_s` (unless `force`) or when every job has ended and was read after it ended.
     Returns whether it refreshed."""
     now = time.time() if now is None else now
@@ -723,9 +723,11 @@ def refresh(
             if query_states is None:
                 from launcher.backends.slurm import query_states
             states = query_states(slurm_array_ids(active))
-            unknown = [j for j in active if slurm_state(states, j.handle) is None]
-            if unknown:  # sacct learns of held or just-submitted jobs late; the queue knows them
-                states.update(squeue_states(slurm_array_ids(unknown)))
+            # sacct learns of held, just-submitted and just-started jobs late (it can still say PENDING
+            # of a job the controller runs): for those the queue's live view wins.
+            lagging = [j for j in active if (slurm_state(states, j.handle) or (PENDING,))[0] == PENDING]
+            if lagging:
+                states.update(squeue_states(slurm_array_ids(lagging)))
     observations = []
     for job in stale:
         facts = read_run_dir(job.run_dir)

@@ -272,6 +272,30 @@ def test_refresh_ingests_slurm_states_and_run_dir_files_with_one_rate_limited_qu
     assert "FAILED (exit 3)" in text
 
 
+def test_refresh_takes_the_queues_live_state_where_sacct_lags(reg, tmp_path, monkeypatch):
+    # slurmdbd records a start late: sacct can still say PENDING of a job squeue shows RUNNING. The
+    # registry must not step back from RUNNING to PENDING (a follow saw that history in the test suite).
+    plan = make_plan(tmp_path, "lag", 3)
+    record(reg, plan)
+    reg.set_handles("lag", {0: "8_0", 1: "8_1", 2: "8_2"})
+    asked = []
+
+    def squeue(arrays):
+        asked.append(list(arrays))
+        return {"8_0": ("RUNNING", None), "8_2": ("PENDING", None)}  # 8_1: left the queue already
+
+    monkeypatch.setattr(registry, "squeue_states", squeue)
+    sacct = {"8_0": ("PENDING", None), "8_1": ("PENDING", None), "8_2": ("PENDING", None)}
+    assert registry.refresh(reg, reg.sweep("lag"), query_states=lambda arrays: sacct, now=1000.0)
+    assert asked == [["8"]]
+    assert [j.state for j in reg.jobs("lag")] == ["RUNNING", "PENDING", "PENDING"]
+    # Once sacct knows a job has started (or ended), the queue is not asked about it.
+    sacct = {"8_0": ("RUNNING", None), "8_1": ("COMPLETED", 0), "8_2": ("RUNNING", None)}
+    assert registry.refresh(reg, reg.sweep("lag"), query_states=lambda arrays: sacct, now=1020.0)
+    assert asked == [["8"]]
+    assert [j.state for j in reg.jobs("lag")] == ["RUNNING", "COMPLETED", "RUNNING"]
+
+
 # --------------------------------------------------------------------------------- launcher
 
 
