@@ -10,10 +10,13 @@ message; local runs and `--wait` record how each job ended. A dry run records no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -199,18 +202,57 @@ def run_tpu(plan: SweepPlan, reg: registry.Registry, num_of=None) -> list[JobRes
     return backends.get(plan.backend).run(plan, on_change=job_recorder(plan, reg, num_of))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the launcher is, so that it stops its jobs as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_stop_jobs():
+    """While the launcher itself runs jobs (local, TPU) or submits them, `kill` (SIGTERM) and a closed
+    terminal (SIGHUP) are handled like Ctrl-C: the jobs are stopped at a checkpoint, not orphaned.
+    Once: a second signal during that cleanup is ignored. After SIGHUP the terminal is gone, so the
+    cleanup's output goes to /dev/null instead of failing on it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        if signum == signal.SIGHUP and os.isatty(1):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, num_of=None) -> int:
     """Run a local or TPU plan to its end (the launch blocks), print the results, return the exit
-    status. Ctrl-C: the backend has stopped the jobs (they checkpoint), and one line says how to go
-    on (130). A failure before the jobs start (staging, say) leaves them FAILED_TO_SUBMIT."""
+    status. Ctrl-C, SIGTERM or SIGHUP: the backend has stopped the jobs (they checkpoint), and one
+    line says how to go on (128 + the signal: 130 for Ctrl-C). A failure before the jobs start
+    (staging, say) leaves them FAILED_TO_SUBMIT."""
     try:
-        if plan.backend == "local":
-            results = run_local(plan, reg, poll_s, num_of)
-        else:
-            results = run_tpu(plan, reg, num_of)
-    except KeyboardInterrupt:
-        print(f"interrupted; continue the unfinished jobs with: vlaunch-ctl resume {plan.sweep_id}")
-        return 130
+        with signals_stop_jobs():
+            if plan.backend == "local":
+                results = run_local(plan, reg, poll_s, num_of)
+            else:
+                results = run_tpu(plan, reg, num_of)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{what}; continue the unfinished jobs with: vlaunch-ctl resume {plan.sweep_id}", flush=True)
+        return 128 + signum
     except LaunchError as e:
         nums = list(num_of.values()) if num_of else [j.num for j in plan.jobs]
         waiting = [j.num for j in reg.jobs(plan.sweep_id, nums) if j.state == registry.PENDING]
@@ -243,7 +285,8 @@ def run_plan(
         EXIT_STATUS = run_here(plan, reg, poll_s=poll_s)
         return EXIT_STATUS
     try:
-        submission = backend.submit(plan)
+        with signals_stop_jobs():
+            submission = backend.submit(plan)
     except LaunchError as e:
         reg.mark(plan.sweep_id, nums, registry.FAILED_TO_SUBMIT, error=str(e))
         raise

@@ -501,6 +501,34 @@ def test_ctrl_c_on_a_local_sweep_stops_its_jobs_and_says_how_to_resume(tmp_path,
             assert job.state == "CANCELLED" and not registry.local_pids_alive(job.handle, job.run_dir)
 
 
+def test_sigterm_to_the_launcher_stops_its_local_jobs_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    """`kill <launcher>` (or a closed terminal) used to end the launcher and leave its jobs running,
+    each in a session of its own; now they are stopped and recorded as on Ctrl-C."""
+    import signal
+    from types import SimpleNamespace
+
+    from launcher.backends import local
+
+    monkeypatch.setattr(sweep.snapshot, "attach", lambda plan: None)
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "term", [(1000, 0.1, 0), (1000, 0.1, 0)])
+    before = signal.getsignal(signal.SIGTERM)
+
+    def killed(seconds: float) -> None:  # the launcher's first wait between polls: `kill` arrives
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(local, "time", SimpleNamespace(sleep=killed, monotonic=time.monotonic))
+    code = sweep.run_plan(plan, dry_run=False, wait=False, registry_file=str(reg_path))
+    assert code == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("stopped by SIGTERM; continue the unfinished jobs with: vlaunch-ctl resume term")
+    with Registry(reg_path) as r:
+        for job in r.jobs("term"):
+            assert job.state == "CANCELLED" and not registry.local_pids_alive(job.handle, job.run_dir)
+    assert signal.getsignal(signal.SIGTERM) == before  # the launcher's own handler is gone again
+
+
 def test_a_local_or_tpu_sweep_that_fails_to_start_leaves_no_job_pending(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep.snapshot, "attach", lambda plan: None)
     reg_path = tmp_path / "registry.sqlite"
