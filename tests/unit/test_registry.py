@@ -522,7 +522,9 @@ def test_sigterm_to_the_launcher_stops_its_local_jobs_like_ctrl_c(tmp_path, monk
     code = sweep.run_plan(plan, dry_run=False, wait=False, registry_file=str(reg_path))
     assert code == 128 + signal.SIGTERM
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("stopped by SIGTERM; continue the unfinished jobs with: vlaunch-ctl resume term")
+    assert out.rstrip().endswith(
+        "stopped by SIGTERM; continue the unfinished jobs with: vlaunch-ctl resume term"
+    )
     with Registry(reg_path) as r:
         for job in r.jobs("term"):
             assert job.state == "CANCELLED" and not registry.local_pids_alive(job.handle, job.run_dir)
