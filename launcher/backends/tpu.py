@@ -253,18 +253,45 @@ class _Attempt:
     first_failure: int | None
 
 
-def _check_answers(url: str, setting: str) -> None:
-    """A configured endpoint (an emulator, usually) must accept connections; else one line, at once,
-    instead of a client retrying for half a minute."""
+def _check_answers(url: str, setting: str, emulator: bool = True) -> None:
+    """`url` must accept connections; else one line, at once, instead of a client retrying for half a
+    minute. `setting` names where the URL came from (or what it is, for Google's own)."""
+    if "://" not in url:
+        url = f"http://{url}"
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname or "", port), timeout=5).close()
     except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        if emulator:
+            raise LaunchError(
+                f"nothing answers at {url} ({setting}: {reason}); if it is this machine's emulated "
+                "TPU cloud (site=local_tpu), start it with infra/local_tpu.sh up"
+            ) from None
         raise LaunchError(
-            f"nothing answers at {url} ({setting}: {e.strerror or e}); if it is this machine's emulated "
-            "TPU cloud (site=local_tpu), start it with infra/local_tpu.sh up"
+            f"cannot reach {setting} at {url} ({reason}); check this machine's network, or try it on the "
+            "emulated TPU cloud: infra/local_tpu.sh up, then add site=local_tpu"
         ) from None
+
+
+def _check_endpoints(resources: dict[str, Any]) -> None:
+    """Say at once when the storage or the TPU API is out of reach (an emulator that is not running,
+    a machine without network): the clients would retry for most of a minute first. Through an HTTPS
+    proxy, Google's endpoints are not probed (the proxy may reach what we cannot)."""
+    from launcher.tpu.client import DEFAULT_ENDPOINT
+
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    for key, emulator_env, google, what in (
+        ("gcs_endpoint", "STORAGE_EMULATOR_HOST", "https://storage.googleapis.com", "Google Cloud Storage"),
+        ("api_endpoint", None, DEFAULT_ENDPOINT, "the Cloud TPU API"),
+    ):
+        if resources.get(key):
+            _check_answers(resources[key], f"backend.{key}")
+        elif emulator_env and os.environ.get(emulator_env):
+            _check_answers(os.environ[emulator_env], f"${emulator_env}")
+        elif not proxied:
+            _check_answers(google, what, emulator=False)
 
 
 def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
@@ -282,9 +309,7 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
         os.environ.update(gcs_emulator_env(first["gcs_endpoint"]))  # our own staging and reads
     commit, diff_hash = registry.git_facts(Path(__file__).resolve().parents[2])
     print(f"sweep {plan.sweep_id}: {len(plan.jobs)} job(s) on {plan.backend}, one after another")
-    for key in ("gcs_endpoint", "api_endpoint"):  # emulators: say at once when one is not running
-        if first.get(key):
-            _check_answers(first[key], f"backend.{key}")
+    _check_endpoints(first)
     # gcsfs logs every exhausted retry with a traceback; the error line below says the same in one line.
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     print(f"  staging the code ({len(files)} files) to {first['bucket']}", flush=True)

@@ -123,3 +123,41 @@ def test_an_emulator_endpoint_that_does_not_answer_is_one_line_at_once():
     message = str(raised.value)
     assert message.startswith(f"nothing answers at http://127.0.0.1:{port} (backend.gcs_endpoint: ")
     assert "infra/local_tpu.sh up" in message and "\n" not in message
+
+
+def test_google_endpoints_out_of_reach_are_one_line_at_once(monkeypatch):
+    """Offline, a real-GCS launch spent 49 s in gcsfs retries before its error; now Google's storage
+    and TPU endpoints are probed first (not through a proxy; an emulator named by env is probed instead)."""
+    import socket
+
+    probed = []
+
+    def no_network(address, timeout=None):
+        probed.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(tpu.socket, "create_connection", no_network)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "STORAGE_EMULATOR_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LaunchError) as raised:
+        tpu._check_endpoints({"gcs_endpoint": None, "api_endpoint": None})
+    assert probed == [("storage.googleapis.com", 443)]
+    assert str(raised.value) == (
+        "cannot reach Google Cloud Storage at https://storage.googleapis.com (Name or service not known); "
+        "check this machine's network, or try it on the emulated TPU cloud: infra/local_tpu.sh up, "
+        "then add site=local_tpu"
+    )
+
+    probed.clear()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:4443")
+    with pytest.raises(
+        LaunchError, match=r"^nothing answers at http://127.0.0.1:4443 \(\$STORAGE_EMULATOR_HOST"
+    ):
+        tpu._check_endpoints({})
+    assert probed == [("127.0.0.1", 4443)]
+
+    probed.clear()
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    tpu._check_endpoints({})  # the proxy may reach what we cannot: nothing probed, nothing refused
+    assert probed == []
