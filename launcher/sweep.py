@@ -10,19 +10,18 @@ message; local runs and `--wait` record how each job ended. A dry run records no
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher import backends, registry, snapshot, yamlout
 from launcher.errors import LaunchError
+from launcher.interrupts import Terminated, signals_stop_jobs
 from launcher.plan import JobPlan, SweepPlan
 from launcher.results import COMPLETED, JobResult, failure_report, format_table
 
@@ -200,41 +199,6 @@ def run_local(plan: SweepPlan, reg: registry.Registry, poll_s: float, num_of=Non
 def run_tpu(plan: SweepPlan, reg: registry.Registry, num_of=None) -> list[JobResult]:
     """Run a plan on a TPU backend (blocking), recording each job's TPU and end in the registry."""
     return backends.get(plan.backend).run(plan, on_change=job_recorder(plan, reg, num_of))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the launcher is, so that it stops its jobs as on Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def signals_stop_jobs():
-    """While the launcher itself runs jobs (local, TPU) or submits them, `kill` (SIGTERM) and a closed
-    terminal (SIGHUP) are handled like Ctrl-C: the jobs are stopped at a checkpoint, not orphaned.
-    Once: a second signal during that cleanup is ignored. After SIGHUP the terminal is gone, so the
-    cleanup's output goes to /dev/null instead of failing on it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        if signum == signal.SIGHUP and os.isatty(1):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.dup2(null, 2)
-        raise Terminated(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, num_of=None) -> int:

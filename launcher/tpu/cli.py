@@ -29,11 +29,13 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.interrupts import Terminated, signals_stop_jobs
 from launcher.tpu.client import CAPACITIES, DEFAULT_ENDPOINT, TpuClient, TpuError, TpuSpec, render_requests
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INSTALL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
@@ -443,7 +445,8 @@ COMMANDS = {"create": _create, "delete": _delete, "list": _list, "describe": _de
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with signals_stop_jobs():  # `kill` cleans up like Ctrl-C: no queued resource left holding quota
+            return COMMANDS[args.command](args)
     except CliError as e:
         _say(f"error: {e}")
         return e.code
@@ -453,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:  # staging and other one-line failures
         _say(f"error: {e}")
         return EXIT_FAILED
+    except Terminated as e:
+        _say(f"stopped by {signal.Signals(e.signum).name}")
+        return 128 + e.signum
     except KeyboardInterrupt:
         _say("interrupted")
         return EXIT_INTERRUPTED

@@ -189,7 +189,8 @@ def test_create_installs_the_project_on_every_worker(fake_gcs, tmp_path):
         assert "reusing the existing TPU 'pod'" in failing.stderr and "exit 5" in failing.stderr
 
 
-def test_ctrl_c_while_waiting_deletes_the_queued_resource(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_while_waiting_deletes_the_queued_resource(tmp_path, sig):
     config = FakeTpuConfig(accept_delay_s=300)  # stays ACCEPTED: the command waits
     with FakeTpuServer(config) as fake:
         where = ["--project", PROJECT, "--zone", ZONE, "--api-endpoint", fake.url, "--poll-interval", "0.05"]
@@ -213,11 +214,12 @@ def test_ctrl_c_while_waiting_deletes_the_queued_resource(tmp_path):
             for line in proc.stderr:
                 if "ACCEPTED" in line:  # it is waiting now
                     break
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             _, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
-        assert proc.returncode == 130, err
+        assert proc.returncode == 128 + sig, err
+        assert ("interrupted" if sig == signal.SIGINT else "stopped by SIGTERM") in err
         assert "deleting queued resource 'slow'" in err
         assert _tpu(fake).list_queued_resources() == []
