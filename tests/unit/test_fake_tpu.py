@@ -161,16 +161,17 @@ def test_unknown_fields_are_refused_and_proto_names_accepted_as_google_does(api)
 
 
 def test_state_transitions_take_the_configured_delays():
-    with FakeTpuServer(FakeTpuConfig(create_delay_s=0.2, delete_delay_s=0.2)) as fake:
+    # Windows of 0.5 s: the states seen right after a call must outlast a busy machine's pause.
+    with FakeTpuServer(FakeTpuConfig(create_delay_s=0.5, delete_delay_s=0.5)) as fake:
         api = Api(fake.url)
         api("POST", f"/v2/{PARENT}/nodes?nodeId=n1", NODE)
         assert api("GET", f"/v2/{PARENT}/nodes/n1")[1]["state"] == "CREATING"
-        time.sleep(0.25)
+        time.sleep(0.55)
         assert api("GET", f"/v2/{PARENT}/nodes/n1")[1]["state"] == "READY"
         _, op = api("DELETE", f"/v2/{PARENT}/nodes/n1")
         assert api("GET", f"/v2/{PARENT}/nodes/n1")[1]["state"] == "DELETING"
         assert api("GET", f"/v2/{op['name']}")[1]["done"] is False
-        time.sleep(0.25)
+        time.sleep(0.55)
         assert api("GET", f"/v2/{PARENT}/nodes/n1")[0] == 404
         done = api("GET", f"/v2/{op['name']}")[1]
         assert done["done"] is True
@@ -195,7 +196,7 @@ def queued_body(tier: dict | None = None, **extra) -> dict:
 
 
 def test_queued_resource_goes_accepted_provisioning_active_and_creates_its_node():
-    with FakeTpuServer(FakeTpuConfig(accept_delay_s=0.1, create_delay_s=0.1)) as fake:
+    with FakeTpuServer(FakeTpuConfig(accept_delay_s=0.5, create_delay_s=0.5)) as fake:
         api = Api(fake.url)
         status, op = api(
             "POST", f"/v2/{PARENT}/queuedResources?queuedResourceId=q1", queued_body({"spot": {}})
@@ -211,12 +212,12 @@ def test_queued_resource_goes_accepted_provisioning_active_and_creates_its_node(
             and done["response"]["@type"] == "type.googleapis.com/google.cloud.tpu.v2.QueuedResource"
         )
 
-        time.sleep(0.12)
+        time.sleep(0.55)
         assert api("GET", f"/v2/{PARENT}/queuedResources/q1")[1]["state"]["state"] == "PROVISIONING"
         node = api("GET", f"/v2/{PARENT}/nodes/qn")[1]
         assert node["state"] == "CREATING" and node["queuedResource"] == f"{PARENT}/queuedResources/q1"
         assert node["schedulingConfig"] == {"spot": True}
-        time.sleep(0.12)
+        time.sleep(0.5)
         assert api("GET", f"/v2/{PARENT}/queuedResources/q1")[1]["state"] == {
             "state": "ACTIVE",
             "activeData": {},
