@@ -107,8 +107,8 @@ class StatusLine:
     """One status line, rewritten in place on a terminal; elsewhere (logs, CI) printed when it
     changes, at most every `every_s` seconds."""
 
-    def __init__(self, every_s: float = 15.0) -> None:
-        self.tty = sys.stdout.isatty()
+    def __init__(self, every_s: float = 15.0, tty: bool | None = None) -> None:
+        self.tty = sys.stdout.isatty() if tty is None else tty
         self.every_s = every_s
         self.last_time = 0.0
         self.last_text = ""

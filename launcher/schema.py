@@ -93,6 +93,8 @@ class TpuBackend:
     # A TPU to use by name: reused when it exists and is READY, created under that name otherwise.
     # null: one TPU per job, named vl-<sweep id>-<job>.
     tpu_name: str | None = None
+    # Jobs of a sweep running at once, each on a TPU of its own (default 1: one after another).
+    max_parallel: int | None = None
     # delete | keep: what to do with the TPU after the job. Default: delete the TPUs the launcher
     # made, keep one named by tpu_name.
     teardown: str | None = None

@@ -1,7 +1,8 @@
 """The TPU backends: `tpu_vm` (one host) and `tpu_pod` (several hosts), through the Cloud TPU API.
 
-One TPU per job; the jobs of a sweep run one after another, and the launch blocks until the last
-has ended (like the local backend), printing the hosts' logs as they come. For one job:
+One TPU per job; the jobs of a sweep run one after another, or `backend.max_parallel` at once (one
+thread each), and the launch blocks until the last has ended (like the local backend), printing the
+hosts' logs as they come. For one job:
 
 1. Stage. The code snapshot (once per sweep, content-addressed) and the job's resolved config go
    to `backend.bucket`, each checked against the MD5 that GCS reports (launcher/tpu/staging.py).
@@ -35,10 +36,12 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import queue
 import re
 import shlex
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -61,7 +64,8 @@ _EMULATOR_ENV = (
 _NODE_PREEMPTED = {"PREEMPTED", "TERMINATED"}
 _QUEUED_PREEMPTED = {"SUSPENDING", "SUSPENDED"}
 _TEARDOWN = ("delete", "keep")
-_OUTPUT_COPY_LIMIT = 4 << 20  # copy small result files of the bucket into the run dir
+_OUTPUT_COPY_LIMIT = 4 << 20
+_KEY_LOCK = threading.Lock()  # copy small result files of the bucket into the run dir
 
 
 # ------------------------------------------------------------------------------- pure: checks, plan
@@ -93,6 +97,14 @@ def check_resources(resources: dict[str, Any]) -> None:
         resources["python"] = sys.executable if resources.get("emulated") else "python3"
     if resources.get("teardown") is None:  # a TPU named by the user is theirs to keep by default
         resources["teardown"] = "keep" if resources.get("tpu_name") else "delete"
+    parallel = resources.get("max_parallel")
+    if parallel is not None and (not str(parallel).isdigit() or int(parallel) < 1):
+        raise LaunchError(f"backend.max_parallel must be a whole number of jobs, 1 or more, got {parallel}")
+    if parallel is not None and int(parallel) > 1 and resources.get("tpu_name"):
+        raise LaunchError(
+            f"backend.tpu_name={resources['tpu_name']} is one TPU, so a sweep's jobs take turns on it; "
+            "drop backend.max_parallel, or backend.tpu_name to give each job a TPU of its own"
+        )
     if resources["teardown"] not in _TEARDOWN:
         raise LaunchError(f"backend.teardown={resources['teardown']}; choose one of: {', '.join(_TEARDOWN)}")
     for key in ("max_retries", "ready_timeout_s", "stop_grace_s"):
@@ -222,6 +234,11 @@ def render(plan: SweepPlan) -> str:
             f"{resources['capacity']}{' queued resource' if resources['queued'] else ''}, "
             f"project {resources['project']}, zone {resources['zone']}; "
             f"teardown={resources['teardown']}, up to {resources['max_retries']} recreation(s) after preemption"
+            + (
+                f"; {resources['max_parallel']} jobs at once"
+                if int(resources.get("max_parallel") or 1) > 1
+                else ""
+            )
         )
         if resources.get("tpu_name"):
             lines.append(f"# reuses TPU {name} when it exists and is READY; otherwise creates it:")
@@ -295,9 +312,11 @@ def _check_endpoints(resources: dict[str, Any]) -> None:
 
 
 def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
-    """Run every job of the plan on its TPU, one after another; return when all have ended.
+    """Run every job of the plan on its TPU, `backend.max_parallel` at once (default: one after
+    another); return when all have ended.
 
-    `on_change(num, state, handle, code)` hears of each start (RUNNING, the TPU's name) and end."""
+    `on_change(num, state, handle, code)` hears of each start (RUNNING, the TPU's name) and end, in
+    this thread."""
     from launcher import registry
     from launcher.tpu import staging
 
@@ -308,12 +327,16 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
     if first.get("gcs_endpoint"):
         os.environ.update(gcs_emulator_env(first["gcs_endpoint"]))  # our own staging and reads
     commit, diff_hash = registry.git_facts(Path(__file__).resolve().parents[2])
-    print(f"sweep {plan.sweep_id}: {len(plan.jobs)} job(s) on {plan.backend}, one after another")
+    parallel = max(1, min(int(first.get("max_parallel") or 1), len(plan.jobs)))
+    how = "one after another" if parallel == 1 else f"{parallel} at once, each on its own TPU"
+    print(f"sweep {plan.sweep_id}: {len(plan.jobs)} job(s) on {plan.backend}, {how}")
     _check_endpoints(first)
     # gcsfs logs every exhausted retry with a traceback; the error line below says the same in one line.
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     print(f"  staging the code ({len(files)} files) to {first['bucket']}", flush=True)
     code = staging.stage_code(Path(plan.code_dir), files, first["bucket"].rstrip("/"), commit, diff_hash)
+    if parallel > 1:
+        return _run_parallel(plan, code, on_change, parallel)
     results: list[JobResult] = []
     pending = list(plan.jobs)
     try:
@@ -329,6 +352,52 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
     return results
 
 
+def _run_parallel(plan: SweepPlan, code, on_change, parallel: int) -> list[JobResult]:
+    """The jobs in `parallel` threads, each job on its own TPU. Ctrl-C (or a job's error) sets `stop`:
+    every running job stops its hosts (they checkpoint) and tears its TPU down as on Ctrl-C, and the
+    jobs not started yet end CANCELLED. The registry is this thread's: the jobs' `on_change` calls
+    come here through a queue."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    events: queue.Queue = queue.Queue()
+    relay = None if on_change is None else (lambda *args: events.put(args))
+
+    def apply_events() -> None:
+        while True:
+            try:
+                args = events.get_nowait()
+            except queue.Empty:
+                return
+            on_change(*args)
+
+    stop = threading.Event()
+    results: dict[int, JobResult] = {}
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="tpu-job")
+    futures = {pool.submit(_run_job, plan, job, code, relay, stop): job for job in plan.jobs}
+    try:
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            apply_events()
+            for future in done:
+                results[futures[future].num] = future.result()  # a job's error ends the sweep
+    except BaseException:
+        stop.set()
+        print(f"  stopping the sweep's running jobs ({sum(not f.done() for f in futures)} left)", flush=True)
+        wait(futures)
+        pool.shutdown()
+        apply_events()
+        raise
+    pool.shutdown()
+    return [results[j.num] for j in plan.jobs]
+
+
+def _stopped(stop: threading.Event | None) -> None:
+    """In a job thread of a parallel sweep: the sweep is being stopped, so stop this job as Ctrl-C would."""
+    if stop is not None and stop.is_set():
+        raise KeyboardInterrupt
+
+
 def _snapshot_files(code_dir: Path) -> list[str]:
     files = []
     for root, _dirs, names in os.walk(code_dir):
@@ -340,9 +409,17 @@ def _snapshot_files(code_dir: Path) -> list[str]:
 class _Tpu:
     """The TPU of one job: acquire (reuse or create and wait), watch, delete."""
 
-    def __init__(self, plan: SweepPlan, job: JobPlan, resources: dict[str, Any], ssh_keys: str):
+    def __init__(
+        self,
+        plan: SweepPlan,
+        job: JobPlan,
+        resources: dict[str, Any],
+        ssh_keys: str,
+        stop: threading.Event | None = None,
+    ):
         from launcher.tpu.client import TpuClient
 
+        self.stop = stop  # set: a parallel sweep is stopping (see _run_parallel)
         self.resources = resources
         self.name = tpu_name(plan, job, resources)
         self.queued = bool(resources["queued"])
@@ -392,9 +469,11 @@ class _Tpu:
         else:
             self.client.create_node(self.name, self.spec)
         self.created = True
-        status = StatusLine(every_s=30.0)
+        # Jobs side by side would overwrite each other's status line: then plain lines.
+        status = StatusLine(every_s=30.0, tty=None if self.stop is None else False)
 
         def progress(resource, elapsed: float) -> None:
+            _stopped(self.stop)
             status.show(f"  {self.name}: {resource.state} after {elapsed:.0f} s")
 
         try:
@@ -408,7 +487,12 @@ class _Tpu:
             status.done()
         node = self.client.get_node(self.name)
         if node.state != "READY":  # a queued resource is ACTIVE once its node is READY
-            node = self.client.wait_until(node.name, "READY", float(self.resources["ready_timeout_s"]))
+            node = self.client.wait_until(
+                node.name,
+                "READY",
+                float(self.resources["ready_timeout_s"]),
+                on_progress=lambda resource, elapsed: _stopped(self.stop),
+            )
         print(f"  TPU {self.name} is READY: {len(node.worker_ips)} host(s) {', '.join(node.worker_ips)}")
         return node
 
@@ -442,14 +526,21 @@ class _Tpu:
                 raise
 
 
-def _run_job(plan: SweepPlan, job: JobPlan, code, on_change) -> JobResult:
+def _run_job(
+    plan: SweepPlan, job: JobPlan, code, on_change, stop: threading.Event | None = None
+) -> JobResult:
     from launcher.tpu import fanout, staging
 
     resources = job.config["backend"]
+    if stop is not None and stop.is_set():  # a parallel sweep stopped before this job's turn
+        if on_change is not None:
+            on_change(job.num, CANCELLED, None, None)
+        return JobResult(job.num, job.label, CANCELLED)
     started = time.monotonic()
-    key_file, public_key = fanout.ensure_keypair(key_dir(plan, resources))
+    with _KEY_LOCK:  # jobs side by side share the key; the first one makes it
+        key_file, public_key = fanout.ensure_keypair(key_dir(plan, resources))
     user = ssh_user(resources)
-    tpu = _Tpu(plan, job, resources, fanout.ssh_keys_metadata(user, public_key))
+    tpu = _Tpu(plan, job, resources, fanout.ssh_keys_metadata(user, public_key), stop)
     _code_prefix, config_url = staging_urls(plan, job, resources)
     config_md5 = staging.stage_file(job.run_dir / "config.yaml", config_url)
     ssh = fanout.SshConfig(
@@ -498,6 +589,8 @@ def _run_job(plan: SweepPlan, job: JobPlan, code, on_change) -> JobResult:
         raise
     except Exception:
         _teardown(tpu, resources, ok=False)
+        if on_change is not None:
+            on_change(job.num, FAILED, None, None)
         raise
     _teardown(tpu, resources, ok=state == COMPLETED)
     _copy_outputs(job)
@@ -565,7 +658,9 @@ def _run_on_hosts(plan, job, resources, hosts, tpu: _Tpu, ssh, code, config_url,
     ]
 
     def on_line(index: int, line: str) -> None:
-        print(f"[job {job.num} w{index}] {line}", flush=True)
+        # One write per line: hosts (and, with max_parallel, jobs) print from threads of their own.
+        sys.stdout.write(f"[job {job.num} w{index}] {line}\n")
+        sys.stdout.flush()
 
     fan = fanout.FanOut(hosts, commands, ssh, on_line=on_line, log_dir=job.run_dir / "logs")
     fan.start()
@@ -575,6 +670,7 @@ def _run_on_hosts(plan, job, resources, hosts, tpu: _Tpu, ssh, code, config_url,
     try:
         while any(c is None for c in fan.poll()):
             time.sleep(0.2)
+            _stopped(tpu.stop)
             if preempted is None and time.monotonic() >= next_check:
                 preempted = tpu.preempted()
                 next_check = time.monotonic() + poll_s

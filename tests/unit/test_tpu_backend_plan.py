@@ -45,6 +45,8 @@ def test_site_profile_tpu_key_applies_to_both_tpu_backends():
         ({"teardown": "sometimes"}, "choose one of: delete, keep"),
         ({"max_retries": -1}, "0 or more"),
         ({"name": "tpu_vm", "accelerator_type": "v4-32"}, "backend=tpu_vm is one host, but v4-32 has 4"),
+        ({"max_parallel": 0}, "backend.max_parallel must be a whole number of jobs, 1 or more, got 0"),
+        ({"max_parallel": 2, "tpu_name": "mine"}, "tpu_name=mine is one TPU, so a sweep's jobs take turns"),
     ],
 )
 def test_bad_settings_fail_with_one_line(over, words):
