@@ -212,44 +212,9 @@ def test_ctrl_c_stops_the_hosts_and_deletes_the_queued_resource(pod):
     assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/queuedResources").get("queuedResources")
 
 
-def _node_events(fake) -> list[tuple[str, str]]:
-    """(create | delete, node id) in the order the API got them."""
-    events = []
-    for r in fake.requests():
-        if (r["method"], r["path"].rsplit("/", 1)[-1]) == ("POST", "nodes"):
-            events.append(("create", r["query"]["nodeId"]))
-        elif r["method"] == "DELETE" and "/nodes/" in r["path"]:
-            events.append(("delete", r["path"].rsplit("/", 1)[1]))
-    return events
-
-
-def test_a_sweep_runs_its_jobs_side_by_side_each_on_its_own_tpu(pod):
-    """backend.max_parallel=2: both TPUs exist at once, both jobs' hosts log at once, both complete and
-    are recorded; nothing is left behind."""
-    fake = pod["fake"]
-    fake.clear_requests()
-    proc = launch(pod, "-m", "seed=1,2", "backend.max_parallel=2", "backend.accelerator_type=v4-8")
-    code, text = finish(proc)
-    assert code == 0, text[-4000:]
-    assert "2 job(s) on tpu_pod, 2 at once, each on its own TPU" in text, text[-4000:]
-    events = _node_events(fake)
-    creates = [i for i, (verb, _) in enumerate(events) if verb == "create"]
-    deletes = [i for i, (verb, _) in enumerate(events) if verb == "delete"]
-    assert len(creates) == 2 and len(deletes) == 2 and max(creates) < min(deletes), events
-    # Both jobs were running at the same time: a line of job 1 came before job 0's last line.
-    lines = text.splitlines()
-    last0 = max(i for i, line in enumerate(lines) if line.startswith("[job 0 w0]"))
-    first1 = min(i for i, line in enumerate(lines) if line.startswith("[job 1 w0]"))
-    assert first1 < last0, text[-4000:]
-    assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")
-    from launcher.registry import Registry
-
-    reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
-    jobs = reg.jobs(reg.resolve("latest").id)
-    assert [(j.num, j.state) for j in jobs] == [(0, "COMPLETED"), (1, "COMPLETED")]
-
-
 def test_kill_stops_every_job_of_a_parallel_sweep_and_deletes_their_tpus(pod):
+    """backend.max_parallel=2: both jobs train at once, each on its own TPU (one host each here); kill
+    stops both at a checkpoint and deletes both TPUs. (The scheduling itself: test_tpu_parallel.py.)"""
     fake = pod["fake"]
     proc = launch(pod, "-m", "seed=1,2", "backend.max_parallel=2", "backend.accelerator_type=v4-8")
     started = set()
@@ -262,6 +227,7 @@ def test_kill_stops_every_job_of_a_parallel_sweep_and_deletes_their_tpus(pod):
     proc.send_signal(signal.SIGTERM)
     code, text = finish(proc)
     assert code == 128 + signal.SIGTERM, text[-4000:]
+    assert "2 job(s) on tpu_pod, 2 at once, each on its own TPU" in text, text[-4000:]
     assert "stopped by SIGTERM; continue the unfinished jobs with: vlaunch-ctl resume" in text, text[-4000:]
     assert text.count("stopping the trainer on 1 host(s)") == 2, text[-4000:]
     assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")
