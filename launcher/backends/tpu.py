@@ -560,6 +560,8 @@ def _run_job(
     try:
         while True:
             node = tpu.acquire()
+            if tpu.created:  # a new TPU has new host keys (also at the IPs of a run resumed here)
+                ssh.known_hosts.unlink(missing_ok=True)
             attempt = _run_on_hosts(
                 plan, job, resources, node.worker_ips, tpu, ssh, code, config_url, config_md5
             )
@@ -574,7 +576,6 @@ def _run_job(
                     f"  job {job.num}: {cause}; recreating the TPU (retry {retries}/{resources['max_retries']})"
                 )
                 tpu.delete(cause)
-                ssh.known_hosts.unlink(missing_ok=True)  # the new TPU's hosts have new host keys
                 continue
             failed_worker = attempt.first_failure
             bad = [c for c in attempt.codes if c != 0]

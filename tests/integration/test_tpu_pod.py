@@ -211,6 +211,25 @@ def test_ctrl_c_stops_the_hosts_and_deletes_the_queued_resource(pod):
     assert "deleting queued resource" in text, text[-4000:]
     assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/queuedResources").get("queuedResources")
 
+    # `vlaunch-ctl resume` creates the TPU again: new host keys at the same IPs (the job's known_hosts
+    # from the first run refused them: "Host key verification failed"), and it goes on from the
+    # checkpoint the hosts saved when interrupted.
+    resume = subprocess.run(
+        [sys.executable, "-m", "launcher.ctl", "resume", "latest"],
+        cwd=REPO, env=pod["env"], capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    text = resume.stdout + resume.stderr
+    assert resume.returncode == 0 and "(own checkpoint step" in text, text[-4000:]
+    from launcher.registry import Registry
+
+    reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
+    assert [j.state for j in reg.jobs(reg.resolve("latest").id)] == ["COMPLETED"]
+    # This time it succeeded, so teardown=keep keeps it.
+    (kept,) = _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/queuedResources")["queuedResources"]
+    from launcher.tpu.client import TpuClient
+
+    TpuClient(PROJECT, ZONE, endpoint=fake.url, poll_interval_s=0.1).delete_queued_resource(kept["name"])
+
 
 def test_kill_stops_every_job_of_a_parallel_sweep_and_deletes_their_tpus(pod):
     """backend.max_parallel=2: both jobs train at once, each on its own TPU (one host each here); kill
