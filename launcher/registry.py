@@ -705,8 +705,9 @@ def refresh(
     now: float | None = None,
 ) -> bool:
     """Bring a sweep's jobs up to date: one batched sacct call for all its arrays (squeue for the jobs
-    sacct does not know yet or calls pending), then the files its jobs wrote. Skipped when the last refresh is younger than
-    `max_age_s` (unless `force`) or when every job has ended and was read after it ended.
+    sacct does not know yet or calls pending), then the files its jobs wrote. Skipped when the last
+    refresh is younger than `max_age_s` (unless `force`) or when every job has ended and was read
+    after it ended.
     Returns whether it refreshed."""
     now = time.time() if now is None else now
     if not force and sweep.refreshed is not None and now - sweep.refreshed < max_age_s:

@@ -64,8 +64,8 @@ _EMULATOR_ENV = (
 _NODE_PREEMPTED = {"PREEMPTED", "TERMINATED"}
 _QUEUED_PREEMPTED = {"SUSPENDING", "SUSPENDED"}
 _TEARDOWN = ("delete", "keep")
-_OUTPUT_COPY_LIMIT = 4 << 20
-_KEY_LOCK = threading.Lock()  # copy small result files of the bucket into the run dir
+_OUTPUT_COPY_LIMIT = 4 << 20  # copy small result files of the bucket into the run dir
+_KEY_LOCK = threading.Lock()  # jobs side by side (max_parallel) make the launcher's SSH key once
 
 
 # ------------------------------------------------------------------------------- pure: checks, plan
@@ -537,7 +537,7 @@ def _run_job(
             on_change(job.num, CANCELLED, None, None)
         return JobResult(job.num, job.label, CANCELLED)
     started = time.monotonic()
-    with _KEY_LOCK:  # jobs side by side share the key; the first one makes it
+    with _KEY_LOCK:
         key_file, public_key = fanout.ensure_keypair(key_dir(plan, resources))
     user = ssh_user(resources)
     tpu = _Tpu(plan, job, resources, fanout.ssh_keys_metadata(user, public_key), stop)

@@ -64,7 +64,10 @@ def test_one_jobs_error_stops_the_running_jobs_and_cancels_the_rest(monkeypatch)
             started.wait(10)
             raise LaunchError("creating TPU vl-par-0 failed: quota exceeded")
         started.set()
-        while not stop.is_set():  # job 1 runs until the sweep stops it
+        deadline = time.monotonic() + 10
+        while not stop.is_set():  # job 1 runs until the sweep stops it (or ends unstopped: a failure)
+            if time.monotonic() > deadline:
+                return JobResult(job.num, job.label, COMPLETED, exit_code=0)
             time.sleep(0.01)
         seen_stop.append(job.num)
         on_change(job.num, CANCELLED, None, None)
