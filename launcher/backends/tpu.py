@@ -371,9 +371,19 @@ def _run_parallel(plan: SweepPlan, code, on_change, parallel: int) -> list[JobRe
             on_change(*args)
 
     stop = threading.Event()
+
+    def run(job: JobPlan) -> JobResult:
+        try:
+            return _run_job(plan, job, code, relay, stop)
+        except BaseException:
+            # Set here, not only by the launcher's thread once it sees the error: this thread's next
+            # job would otherwise start creating its TPU in between.
+            stop.set()
+            raise
+
     results: dict[int, JobResult] = {}
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="tpu-job")
-    futures = {pool.submit(_run_job, plan, job, code, relay, stop): job for job in plan.jobs}
+    futures = {pool.submit(run, job): job for job in plan.jobs}
     try:
         pending = set(futures)
         while pending:

@@ -62,6 +62,7 @@ def test_one_jobs_error_stops_the_running_jobs_and_cancels_the_rest(monkeypatch)
             return JobResult(job.num, job.label, CANCELLED)
         if job.num == 0:
             started.wait(10)
+            on_change(job.num, "CREATING", "vl-par-0", None)
             raise LaunchError("creating TPU vl-par-0 failed: quota exceeded")
         started.set()
         deadline = time.monotonic() + 10
@@ -75,7 +76,15 @@ def test_one_jobs_error_stops_the_running_jobs_and_cancels_the_rest(monkeypatch)
 
     monkeypatch.setattr(tpu, "_run_job", job)
     heard = []
+
+    def on_change(num, state, handle, code):
+        heard.append((num, state))
+        if num == 0:
+            # A slow registry write on the launcher's thread: job 0's thread, free again, must still not
+            # start job 2 (its TPU) before the sweep knows of the error.
+            time.sleep(0.5)
+
     with pytest.raises(LaunchError, match="quota exceeded"):
-        tpu._run_parallel(plan, code=None, on_change=lambda n, s, h, c: heard.append((n, s)), parallel=2)
-    assert seen_stop == [1]
-    assert sorted(heard) == [(1, CANCELLED), (2, CANCELLED)]
+        tpu._run_parallel(plan, code=None, on_change=on_change, parallel=2)
+    assert seen_stop == [1]  # job 2 never started
+    assert sorted(heard) == [(0, "CREATING"), (1, CANCELLED), (2, CANCELLED)]
