@@ -196,7 +196,8 @@ def queued_body(tier: dict | None = None, **extra) -> dict:
 
 
 def test_queued_resource_goes_accepted_provisioning_active_and_creates_its_node():
-    with FakeTpuServer(FakeTpuConfig(accept_delay_s=0.5, create_delay_s=0.5)) as fake:
+    # Windows of 1 s: each state is checked just after it begins, so a pause of up to 1 s is harmless.
+    with FakeTpuServer(FakeTpuConfig(accept_delay_s=1.0, create_delay_s=1.0)) as fake:
         api = Api(fake.url)
         status, op = api(
             "POST", f"/v2/{PARENT}/queuedResources?queuedResourceId=q1", queued_body({"spot": {}})
@@ -212,12 +213,12 @@ def test_queued_resource_goes_accepted_provisioning_active_and_creates_its_node(
             and done["response"]["@type"] == "type.googleapis.com/google.cloud.tpu.v2.QueuedResource"
         )
 
-        time.sleep(0.55)
+        time.sleep(1.0)
         assert api("GET", f"/v2/{PARENT}/queuedResources/q1")[1]["state"]["state"] == "PROVISIONING"
         node = api("GET", f"/v2/{PARENT}/nodes/qn")[1]
         assert node["state"] == "CREATING" and node["queuedResource"] == f"{PARENT}/queuedResources/q1"
         assert node["schedulingConfig"] == {"spot": True}
-        time.sleep(0.5)
+        time.sleep(1.0)
         assert api("GET", f"/v2/{PARENT}/queuedResources/q1")[1]["state"] == {
             "state": "ACTIVE",
             "activeData": {},
