@@ -145,7 +145,8 @@ def status_text(reg: Registry, sweep: Sweep, now: float | None = None) -> str:
         f"  {_counts_text(counts)}; {fresh}; runs {sweep.runs_dir}",
     ]
     header = ["job", "overrides", "handle", "state", "requeues", metric or "metric", "checkpoint"]
-    return "\n".join(head) + "\n" + _table(header, rows)
+    why = [f"  job {j.num}: {j.error}" for j in jobs if j.error and j.state != registry.COMPLETED]
+    return "\n".join([*head, _table(header, rows), *why])
 
 
 def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
@@ -234,6 +235,8 @@ def cmd_cancel(reg: Registry, args: argparse.Namespace) -> int:
             f"nothing to cancel: the {'chosen jobs' if args.jobs else 'jobs'} of sweep {sweep.id} have all ended"
         )
         return 0
+    if sweep.backend.startswith("tpu_"):
+        return _cancel_tpu(reg, sweep, live, wait_s=args.wait)
     if sweep.backend == "slurm":
         with_handle = [j for j in live if j.handle]
         # A whole sweep: its arrays (tasks already ended are not touched); some jobs: their own ids.
@@ -371,13 +374,62 @@ def cmd_resubmit(reg: Registry, args: argparse.Namespace) -> int:
     return relaunch(reg, sweep, jobs, code_dir=None, why="vlaunch-ctl resubmit --failed")
 
 
+def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> int:
+    """A TPU job is stopped by the launcher that runs it: ask it through the job's run dir, and wait
+    (up to `wait_s`) while its hosts save a checkpoint and its TPU is torn down."""
+    watched = [j for j in live if registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")]
+    orphans = [j for j in live if j not in watched]
+    if orphans:  # no launcher runs them (any more): there is nothing to stop
+        reg.mark(sweep.id, [j.num for j in orphans], registry.CANCELLED, detail="vlaunch-ctl cancel")
+        print(f"sweep {sweep.id}: cancelled {len(orphans)} job(s): {' '.join(str(j.num) for j in orphans)}")
+    if not watched:
+        return 0
+    for j in watched:
+        (Path(j.run_dir) / registry.CANCEL_FILE).write_text(f"{time.time()}\n")
+    launchers = sorted({_launcher_text(registry.watcher(j.run_dir)) for j in watched})
+    nums = [j.num for j in watched]
+    print(
+        f"sweep {sweep.id}: asked {', '.join(launchers)} to stop job(s) {' '.join(map(str, nums))}: "
+        "its hosts save a checkpoint, then its TPU is torn down as backend.teardown says"
+    )
+    from launcher.results import StatusLine
+
+    status = StatusLine(every_s=15.0)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < wait_s:
+            jobs = reg.jobs(sweep.id, nums)
+            left = [j for j in jobs if j.state not in registry.TERMINAL]
+            if not left:
+                status.done()
+                print(f"sweep {sweep.id}: cancelled {len(jobs)} job(s): {' '.join(map(str, nums))}")
+                return 0
+            if not any(registry.watcher(j.run_dir)[0] in ("alive", "elsewhere") for j in left):
+                break  # the launcher ended without recording them: status says so after a refresh
+            status.show(f"  waiting for {len(left)} job(s) to stop ({time.monotonic() - started:.0f} s)")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        status.done()
+        print(f"stopped waiting; the launcher goes on stopping them (vlaunch-ctl status {sweep.id})")
+        return 130
+    status.done()
+    print(f"not all have stopped yet: vlaunch-ctl status {sweep.id} shows when they have")
+    return 1
+
+
+def _launcher_text(seen: tuple[str, dict[str, Any]]) -> str:
+    state, facts = seen
+    where = "" if state == "alive" else f" on {facts.get('host')}"
+    return f"the launcher (pid {facts.get('pid')}{where})"
+
+
 def _alive(sweep: Sweep, jobs: list[Job]) -> set[int]:
     """Jobs the backend still runs or queues (a PENDING job Slurm never heard of is lost, not alive)."""
     waiting = [j for j in jobs if j.state not in registry.TERMINAL]
     if sweep.backend == "local":
         return {j.num for j in waiting if registry.local_pids_alive(j.handle, j.run_dir)}
-    if sweep.backend.startswith("tpu_"):
-        return set()  # a TPU job lives as long as the launcher that watches it
+    if sweep.backend.startswith("tpu_"):  # a TPU job lives as long as the launcher that watches it
+        return {j.num for j in waiting if registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")}
     with_handle = [j for j in waiting if j.handle]
     if not with_handle:
         return set()
@@ -561,6 +613,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cancel", help="cancel a sweep, or some of its jobs")
     s.add_argument("sweep")
     s.add_argument("jobs", type=int, nargs="*")
+    s.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="TPU jobs: wait up to S seconds while their launcher stops them (default 600)",
+    )
     s.set_defaults(run=cmd_cancel)
 
     s = sub.add_parser("resubmit", help="submit failed/cancelled/timed-out jobs again (current code)")

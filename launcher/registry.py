@@ -17,6 +17,13 @@ back through Slurm (sacct, squeue) and through files the jobs write into their r
                           "attempt", "exit_code", "host"}; each attempt that was requeued counts once
     status/tracker.json   {"wandb_run_id": ...} once a tracker is on (trainers/core/tracking.py)
 
+A TPU job runs as long as the launcher that watches it (`python -m launcher ... backend=tpu_*`), which
+writes two more while it does, in the run dir on its own machine:
+
+    launcher.json         {"pid", "host", "start"} of that launcher, from the launch until it returns
+    cancel_requested      written by `vlaunch-ctl cancel`: that launcher stops the job (its hosts save a
+                          checkpoint, its TPU is torn down), records it CANCELLED and removes the file
+
 Concurrency: WAL journal, a busy timeout, and every write in one `BEGIN IMMEDIATE` transaction (a
 writer takes the write lock up front, so two launchers never deadlock upgrading a read lock). Eight
 launchers recording at once only wait for each other.
@@ -664,6 +671,50 @@ def local_pids_alive(handle: str | None, run_dir: str) -> list[int]:
     return alive
 
 
+WATCHER_FILE = "launcher.json"
+CANCEL_FILE = "cancel_requested"
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot): a pid's identity, as pids are reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22; the command name may hold spaces
+
+
+@contextlib.contextmanager
+def watching(run_dirs: Iterable[Path]) -> Iterator[None]:
+    """Mark these TPU jobs' run dirs as watched by this process for as long as the block runs."""
+    import socket
+
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+    files = [Path(d) / WATCHER_FILE for d in run_dirs]
+    for f in files:
+        f.write_text(json.dumps(me) + "\n")
+    try:
+        yield
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+
+
+def watcher(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """Who watches a TPU job: ("alive" | "gone" | "elsewhere" (another host: cannot tell) | "none",
+    the launcher's {"pid", "host", "start"})."""
+    import socket
+
+    try:
+        facts = json.loads((Path(run_dir) / WATCHER_FILE).read_text())
+        pid = int(facts["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "none", {}
+    if facts.get("host") != socket.gethostname():
+        return "elsewhere", facts
+    return ("alive" if _process_start(pid) == facts.get("start") else "gone"), facts
+
+
 def slurm_array_ids(jobs: Iterable[Job]) -> list[str]:
     """The Slurm arrays (or plain job ids) behind the handles of some jobs."""
     return sorted({j.handle.split("_")[0] for j in jobs if j.handle})
@@ -752,6 +803,15 @@ def refresh(
             # The launcher that ran it is gone (killed): its outcome is in the run dir or nowhere.
             ob.state = COMPLETED if facts.metrics else FAILED
             ob.exit_code = facts.exit_code
+        elif sweep.backend.startswith("tpu_") and job.state not in TERMINAL:
+            seen, launcher = watcher(job.run_dir)
+            if seen == "gone":  # killed: it never recorded the end (and the hosts stopped with its ssh)
+                ob.state = FAILED
+                ob.error = (
+                    f"the launcher that ran it (pid {launcher['pid']}) ended without recording how it "
+                    f"ended; vlaunch-ctl resume {sweep.id} continues it from its checkpoint"
+                    + (f"; its TPU {job.handle} may still exist" if job.handle else "")
+                )
         observations.append(ob)
     registry.update(sweep.id, observations, now=now)
     registry.set_refreshed(sweep.id, now)

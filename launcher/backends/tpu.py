@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher import registry
 from launcher.errors import LaunchError
 from launcher.plan import JobPlan, SweepPlan
 from launcher.results import CANCELLED, COMPLETED, FAILED, JobResult, StatusLine, read_metrics, tail
@@ -317,11 +318,20 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
 
     `on_change(num, state, handle, code)` hears of each start (RUNNING, the TPU's name) and end, in
     this thread."""
-    from launcher import registry
-    from launcher.tpu import staging
 
     if plan.code_dir is None:
         raise LaunchError("the TPU backends stage the code of a git checkout; run the launcher from one")
+    for job in plan.jobs:  # a request a killed launcher never saw is not meant for this launch
+        (job.run_dir / registry.CANCEL_FILE).unlink(missing_ok=True)
+    # vlaunch-ctl learns from these files that the jobs are ours (resume leaves them alone, cancel asks
+    # us to stop them); a file left by a killed launcher tells it that nobody watches them any more.
+    with registry.watching(j.run_dir for j in plan.jobs):
+        return _run(plan, on_change)
+
+
+def _run(plan: SweepPlan, on_change) -> list[JobResult]:
+    from launcher.tpu import staging
+
     files = _snapshot_files(Path(plan.code_dir))
     first = plan.jobs[0].config["backend"]
     if first.get("gcs_endpoint"):
@@ -402,10 +412,17 @@ def _run_parallel(plan: SweepPlan, code, on_change, parallel: int) -> list[JobRe
     return [results[j.num] for j in plan.jobs]
 
 
-def _stopped(stop: threading.Event | None) -> None:
-    """In a job thread of a parallel sweep: the sweep is being stopped, so stop this job as Ctrl-C would."""
+class JobCancelled(KeyboardInterrupt):
+    """`vlaunch-ctl cancel` asked for this job to stop: it stops as on Ctrl-C, and the sweep goes on."""
+
+
+def _stopped(stop: threading.Event | None, cancel_file: Path | None = None) -> None:
+    """Stop this job as Ctrl-C would when its parallel sweep is being stopped (`stop`), or when
+    `vlaunch-ctl cancel` asked for it (`cancel_file`, see launcher/registry.py)."""
     if stop is not None and stop.is_set():
         raise KeyboardInterrupt
+    if cancel_file is not None and cancel_file.exists():
+        raise JobCancelled
 
 
 def _snapshot_files(code_dir: Path) -> list[str]:
@@ -430,6 +447,7 @@ class _Tpu:
         from launcher.tpu.client import TpuClient
 
         self.stop = stop  # set: a parallel sweep is stopping (see _run_parallel)
+        self.cancel_file = job.run_dir / registry.CANCEL_FILE
         self.resources = resources
         self.name = tpu_name(plan, job, resources)
         self.queued = bool(resources["queued"])
@@ -441,6 +459,9 @@ class _Tpu:
             poll_interval_s=min(float(resources["poll_s"]), 5.0),
         )
         self.created = False  # by us, in this launch (a reused TPU is never deleted on failure)
+
+    def check_stop(self) -> None:
+        _stopped(self.stop, self.cancel_file)
 
     @property
     def full_name(self) -> str:
@@ -483,7 +504,7 @@ class _Tpu:
         status = StatusLine(every_s=30.0, tty=None if self.stop is None else False)
 
         def progress(resource, elapsed: float) -> None:
-            _stopped(self.stop)
+            self.check_stop()
             status.show(f"  {self.name}: {resource.state} after {elapsed:.0f} s")
 
         try:
@@ -501,7 +522,7 @@ class _Tpu:
                 node.name,
                 "READY",
                 float(self.resources["ready_timeout_s"]),
-                on_progress=lambda resource, elapsed: _stopped(self.stop),
+                on_progress=lambda resource, elapsed: self.check_stop(),
             )
         print(f"  TPU {self.name} is READY: {len(node.worker_ips)} host(s) {', '.join(node.worker_ips)}")
         return node
@@ -542,7 +563,10 @@ def _run_job(
     from launcher.tpu import fanout, staging
 
     resources = job.config["backend"]
-    if stop is not None and stop.is_set():  # a parallel sweep stopped before this job's turn
+    cancel_file = job.run_dir / registry.CANCEL_FILE
+    # A parallel sweep stopped, or vlaunch-ctl cancel asked, before this job's turn.
+    if (stop is not None and stop.is_set()) or cancel_file.exists():
+        cancel_file.unlink(missing_ok=True)
         if on_change is not None:
             on_change(job.num, CANCELLED, None, None)
         return JobResult(job.num, job.label, CANCELLED)
@@ -592,12 +616,16 @@ def _run_job(
             code_out = bad[0] if bad else None
             ended_by = "preempted, no retries left" if requeue else ""
             break
-    except KeyboardInterrupt:
-        print(f"\n  job {job.num}: interrupted")
+    except KeyboardInterrupt as e:
+        cancelled = isinstance(e, JobCancelled)
+        print(f"\n  job {job.num}: {'cancelled (vlaunch-ctl cancel)' if cancelled else 'interrupted'}")
         _teardown(tpu, resources, ok=False)
         if on_change is not None:
             on_change(job.num, CANCELLED, None, None)
-        raise
+        if not cancelled:
+            raise
+        cancel_file.unlink(missing_ok=True)
+        return JobResult(job.num, job.label, CANCELLED)
     except Exception:
         _teardown(tpu, resources, ok=False)
         if on_change is not None:
@@ -681,7 +709,7 @@ def _run_on_hosts(plan, job, resources, hosts, tpu: _Tpu, ssh, code, config_url,
     try:
         while any(c is None for c in fan.poll()):
             time.sleep(0.2)
-            _stopped(tpu.stop)
+            tpu.check_stop()
             if preempted is None and time.monotonic() >= next_check:
                 preempted = tpu.preempted()
                 next_check = time.monotonic() + poll_s

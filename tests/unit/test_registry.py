@@ -649,3 +649,48 @@ def test_resume_relaunches_unfinished_and_lost_jobs_from_the_submitted_code(tmp_
     for num in (1, 2):
         assert f"cwd {code}" in (plan.jobs[num].run_dir / "logs" / "rank0.log").read_text()
     assert not (plan.jobs[0].run_dir / "logs").exists()
+
+
+def test_a_tpu_job_whose_launcher_was_killed_is_failed_with_the_reason_and_no_longer_left_alone(
+    tmp_path, capsys
+):
+    """A TPU job lives in the launcher that runs it. While that process lives, its jobs are alive
+    (resume leaves them alone); once it is killed (-9: it recorded nothing), status says FAILED and why."""
+    reg_path = tmp_path / "registry.sqlite"
+    plan = make_plan(tmp_path, "tpuk", 1)
+    plan.backend = "tpu_pod"
+    run_dir = plan.jobs[0].run_dir
+    run_dir.mkdir(parents=True)
+    with Registry(reg_path) as r:
+        record(r, plan)
+        r.update("tpuk", [Observation(num=0, state=registry.RUNNING, handle="vl-tpuk-0")])
+    stand_in = subprocess.Popen(  # the launcher, as far as the registry can tell
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from launcher import registry\n"
+            f"with registry.watching([{str(run_dir)!r}]):\n    print('watching', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert stand_in.stdout.readline() == "watching\n"
+        assert registry.watcher(run_dir)[0] == "alive"
+        assert ctl.main(["--registry", str(reg_path), "resume", "tpuk"]) == 0
+        assert "1 job(s) still queued or running, left alone: [0]" in capsys.readouterr().out
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert registry.watcher(run_dir) == ("gone", json.loads((run_dir / registry.WATCHER_FILE).read_text()))
+    assert ctl.main(["--registry", str(reg_path), "status", "tpuk", "--refresh"]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" in out, out
+    assert f"job 0: the launcher that ran it (pid {stand_in.pid}) ended without recording how it ended" in out
+    assert "its TPU vl-tpuk-0 may still exist" in out
+
+    # Another machine's launcher (a shared home): nothing here can tell, so it is not declared dead.
+    facts = {"pid": os.getpid(), "host": "login-2", "start": "1"}
+    (run_dir / registry.WATCHER_FILE).write_text(json.dumps(facts))
+    assert registry.watcher(run_dir) == ("elsewhere", facts)
