@@ -79,10 +79,11 @@ def format_table(results: list[JobResult]) -> str:
 
 
 def failure_report(results: list[JobResult]) -> str:
-    """For each failed job: state, exit code and the tail of its log."""
+    """For each failed job: state, exit code and the tail of its log (a cancelled job was stopped on
+    purpose: the table says so)."""
     parts = []
     for r in results:
-        if r.ok:
+        if r.ok or r.state == CANCELLED:
             continue
         parts.append(f"job {r.num} ({r.label}) {r.state}, exit code {r.exit_code}; log {r.log_path}:")
         parts.append("    " + (r.log_tail or "(empty log)").replace("\n", "\n    "))

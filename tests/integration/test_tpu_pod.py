@@ -300,6 +300,7 @@ def test_vlaunch_ctl_cancel_stops_a_running_tpu_job_and_resume_leaves_watched_jo
     code, text = proc.wait(timeout=60), "".join(proc.lines)
     assert code == 1, text[-4000:]  # the launch ends (not every job completed)
     assert "job 0: cancelled (vlaunch-ctl cancel)" in text, text[-4000:]
+    assert "(empty log)" not in text, text[-4000:]  # cancelled on purpose: no failure report
     assert "stopping the trainer on 1 host(s)" in text, text[-4000:]
     assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")
     from launcher.registry import Registry
