@@ -1,6 +1,6 @@
-"""`python -m launcher [-m] [group=option ...] [key=value ...] [--dry-run] [--wait]`
+"""`python -m launcher [-m] [group=option ...] [key=value ...] [--dry-run] [--wait] [--detach]`
 
-Before Hydra sees the command line we (1) turn `--dry-run` / `--wait` into config values and
+Before Hydra sees the command line we (1) turn `--dry-run` / `--wait` / `--detach` into config values and
 (2) make `backend=X` and `hydra/launcher=X` one choice: giving either selects both, giving
 both with different values is an error. Errors of composition come back as one line that
 names the valid keys or options.
@@ -13,7 +13,7 @@ import sys
 
 from launcher.errors import LaunchError
 
-_FLAGS = {"--dry-run": "dry_run=true", "--wait": "wait=true"}
+_FLAGS = {"--dry-run": "dry_run=true", "--wait": "wait=true", "--detach": "detach=true"}
 
 
 def _value_of(args: list[str], key: str) -> str | None:
@@ -54,6 +54,11 @@ def _flags_first(args: list[str]) -> list[str]:
 def normalise(args: list[str]) -> list[str]:
     """Expand our flags, put Hydra's first and tie `backend=` to `hydra/launcher=`."""
     args = _flags_first([_FLAGS.get(a, a) for a in args])
+    if _value_of(args, "detach") == "true" and _value_of(args, "wait") == "true":
+        raise LaunchError(
+            "--detach and --wait contradict each other: --wait blocks until the jobs end, --detach "
+            "returns at once; give one"
+        )
     backend = _value_of(args, "backend")
     plugin = _value_of(args, "hydra/launcher")
     for value, what in ((backend, "backend"), (plugin, "hydra/launcher")):
@@ -82,11 +87,13 @@ def normalise(args: list[str]) -> list[str]:
 HELP = """\
 launcher: send training sweeps of video-language models to this machine, Slurm or TPU pods.
 
-Usage: python -m launcher [-m] [group=option ...] [key=value ...] [--dry-run] [--wait]
+Usage: python -m launcher [-m] [group=option ...] [key=value ...] [--dry-run] [--wait] [--detach]
 
   -m, --multirun   sweep: comma lists (dataset=didemo,msrvtt) become one job each
   --dry-run        print the plans (sbatch scripts, commands) and submit nothing
   --wait           on Slurm, block until the jobs end and print the results table
+  --detach         local and TPU: run the jobs in the background and return at once
+                   (vlaunch-ctl status / logs / cancel follow them)
   --cfg job        print the composed config (Hydra); --info, --hydra-help: Hydra's own
 
 Config groups (choose with group=option):

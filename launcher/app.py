@@ -38,6 +38,7 @@ def launch_overrides(config_loader, master: DictConfig, job_overrides: Sequence[
         plan,
         dry_run=bool(master.dry_run),
         wait=bool(master.wait),
+        detach=bool(master.detach),
         poll_s=float(master.wait_poll_s),
         registry_file=master.registry,
     )
@@ -58,6 +59,7 @@ def main(cfg: DictConfig) -> int:
             plan,
             dry_run=bool(cfg.dry_run),
             wait=bool(cfg.wait),
+            detach=bool(cfg.detach),
             poll_s=float(cfg.wait_poll_s),
             registry_file=cfg.registry,
         )

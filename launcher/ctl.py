@@ -252,6 +252,8 @@ def cmd_cancel(reg: Registry, args: argparse.Namespace) -> int:
 
         stopped = []
         for j in live:
+            # For the launcher that runs them: record CANCELLED, and never start one still waiting.
+            (Path(j.run_dir) / registry.CANCEL_FILE).write_text(f"{time.time()}\n")
             for pid in registry.local_pids_alive(j.handle, j.run_dir):
                 try:
                     os.killpg(pid, signal.SIGTERM)  # each local rank leads its own process group
@@ -426,10 +428,14 @@ def _launcher_text(seen: tuple[str, dict[str, Any]]) -> str:
 def _alive(sweep: Sweep, jobs: list[Job]) -> set[int]:
     """Jobs the backend still runs or queues (a PENDING job Slurm never heard of is lost, not alive)."""
     waiting = [j for j in jobs if j.state not in registry.TERMINAL]
-    if sweep.backend == "local":
-        return {j.num for j in waiting if registry.local_pids_alive(j.handle, j.run_dir)}
-    if sweep.backend.startswith("tpu_"):  # a TPU job lives as long as the launcher that watches it
-        return {j.num for j in waiting if registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")}
+    if sweep.backend == "local" or sweep.backend.startswith("tpu_"):
+        # Its processes run, or the launcher that will start it (or watches its TPU) still does.
+        return {
+            j.num
+            for j in waiting
+            if (sweep.backend == "local" and registry.local_pids_alive(j.handle, j.run_dir))
+            or registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")
+        }
     with_handle = [j for j in waiting if j.handle]
     if not with_handle:
         return set()

@@ -51,6 +51,7 @@ _LAUNCH_KEYS = {
     "dry_run",
     "wait",
     "wait_poll_s",
+    "detach",
     "runs_root",
     "site",
     "sweep_id",

@@ -17,12 +17,13 @@ back through Slurm (sacct, squeue) and through files the jobs write into their r
                           "attempt", "exit_code", "host"}; each attempt that was requeued counts once
     status/tracker.json   {"wandb_run_id": ...} once a tracker is on (trainers/core/tracking.py)
 
-A TPU job runs as long as the launcher that watches it (`python -m launcher ... backend=tpu_*`), which
-writes two more while it does, in the run dir on its own machine:
+A local or TPU job runs under the launcher that started it (`python -m launcher`, in the foreground
+or with --detach), which owns two more files in the run dir, on its own machine:
 
     launcher.json         {"pid", "host", "start"} of that launcher, from the launch until it returns
-    cancel_requested      written by `vlaunch-ctl cancel`: that launcher stops the job (its hosts save a
-                          checkpoint, its TPU is torn down), records it CANCELLED and removes the file
+    cancel_requested      written by `vlaunch-ctl cancel`: that launcher stops the job (a TPU job's hosts
+                          save a checkpoint, its TPU is torn down; a local job not started yet never
+                          starts), records it CANCELLED and removes the file
 
 Concurrency: WAL journal, a busy timeout, and every write in one `BEGIN IMMEDIATE` transaction (a
 writer takes the write lock up front, so two launchers never deadlock upgrading a read lock). Eight
@@ -692,6 +693,7 @@ def watching(run_dirs: Iterable[Path]) -> Iterator[None]:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
     files = [Path(d) / WATCHER_FILE for d in run_dirs]
     for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(me) + "\n")
     try:
         yield
@@ -803,14 +805,20 @@ def refresh(
             # The launcher that ran it is gone (killed): its outcome is in the run dir or nowhere.
             ob.state = COMPLETED if facts.metrics else FAILED
             ob.exit_code = facts.exit_code
-        elif sweep.backend.startswith("tpu_") and job.state not in TERMINAL:
+        elif job.state not in TERMINAL and sweep.backend != "slurm":
             seen, launcher = watcher(job.run_dir)
-            if seen == "gone":  # killed: it never recorded the end (and the hosts stopped with its ssh)
+            if seen == "gone" and not local_pids_alive(
+                job.handle, job.run_dir
+            ):  # killed: it never recorded the end (a TPU's hosts stop with its ssh)
                 ob.state = FAILED
                 ob.error = (
                     f"the launcher that ran it (pid {launcher['pid']}) ended without recording how it "
                     f"ended; vlaunch-ctl resume {sweep.id} continues it from its checkpoint"
-                    + (f"; its TPU {job.handle} may still exist" if job.handle else "")
+                    + (
+                        f"; its TPU {job.handle} may still exist"
+                        if job.handle and sweep.backend != "local"
+                        else ""
+                    )
                 )
         observations.append(ob)
     registry.update(sweep.id, observations, now=now)

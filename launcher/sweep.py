@@ -206,8 +206,12 @@ def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, nu
     status. Ctrl-C, SIGTERM or SIGHUP: the backend has stopped the jobs (they checkpoint), and one
     line says how to go on (128 + the signal: 130 for Ctrl-C). A failure before the jobs start
     (staging, say) leaves them FAILED_TO_SUBMIT."""
+    for job in plan.jobs:  # a cancel request a killed launcher never saw is not meant for this run
+        (job.run_dir / registry.CANCEL_FILE).unlink(missing_ok=True)
     try:
-        with signals_stop_jobs():
+        # The watcher files tell vlaunch-ctl that this process runs the jobs: resume leaves them
+        # alone, cancel asks it to stop them; one left by a killed launcher says nobody does any more.
+        with signals_stop_jobs(), registry.watching(j.run_dir for j in plan.jobs):
             if plan.backend == "local":
                 results = run_local(plan, reg, poll_s, num_of)
             else:
@@ -225,12 +229,63 @@ def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, nu
     return report(results)
 
 
+def run_detached(plan: SweepPlan, reg: registry.Registry) -> int:
+    """--detach: a child process in a session of its own runs the jobs (as `run_here` does, output to
+    <sweep dir>/launcher.log); this one says how to follow them and returns at once. A closed terminal
+    does not reach the child; `vlaunch-ctl cancel` or `kill <its pid>` stop its jobs at a checkpoint."""
+    log = plan.sweep_dir / "launcher.log"
+    path = reg.path
+    reg.close()  # SQLite connections must not cross a fork: the child opens its own
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            sys.stdout.reconfigure(line_buffering=True)
+            sys.stderr.reconfigure(line_buffering=True)
+            print(f"launcher pid {os.getpid()}: {plan.command_line}")
+            with registry.Registry(path) as child:
+                code = run_here(plan, child)
+        except LaunchError as e:
+            code = fail(e)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    n = len(plan.jobs)
+    print(f"sweep {plan.sweep_id}: {n} job(s) on {plan.backend}, run in the background by pid {pid}")
+    print(f"  its output:  {log}")
+    print(f"  follow:      vlaunch-ctl status {plan.sweep_id}; vlaunch-ctl logs {plan.sweep_id} 0 --follow")
+    print(f"  stop:        vlaunch-ctl cancel {plan.sweep_id}  (the jobs save a checkpoint first)")
+    return 0
+
+
 def run_plan(
-    plan: SweepPlan, *, dry_run: bool, wait: bool, poll_s: float = 5.0, registry_file: str | None = None
+    plan: SweepPlan,
+    *,
+    dry_run: bool,
+    wait: bool,
+    detach: bool = False,
+    poll_s: float = 5.0,
+    registry_file: str | None = None,
 ) -> int:
-    """Dry-run, or record and submit (and for local / --wait, run to the end, record and report)."""
+    """Dry-run, or record and submit (local / TPU: run to the end, or in the background with
+    `detach`; Slurm with --wait: wait for the end; then record and report)."""
     global EXIT_STATUS
     backend = backends.get(plan.backend)
+    if detach and wait:  # set in a config file (the command line's flags are checked before Hydra)
+        remove_hydra_leftovers(plan.sweep_dir)
+        raise LaunchError("detach and wait are both true: give one (wait blocks, detach returns at once)")
     if dry_run:
         print(
             f"# dry run of sweep {plan.sweep_id}: {len(plan.jobs)} job(s) on {plan.backend}; nothing submitted"
@@ -246,7 +301,7 @@ def run_plan(
     nums = [j.num for j in plan.jobs]
     if plan.backend == "local" or plan.backend.startswith("tpu_"):
         reg.mark(plan.sweep_id, nums, registry.PENDING)
-        EXIT_STATUS = run_here(plan, reg, poll_s=poll_s)
+        EXIT_STATUS = run_detached(plan, reg) if detach else run_here(plan, reg, poll_s=poll_s)
         return EXIT_STATUS
     try:
         with signals_stop_jobs():

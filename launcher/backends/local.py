@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher import snapshot
+from launcher import registry, snapshot
 from launcher.plan import JobPlan, SweepPlan
 from launcher.results import (
     CANCELLED,
@@ -161,14 +161,33 @@ def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = No
             f"  job {run.job.num} ({run.job.label}) {state}{note} after {time.monotonic() - run.started:.0f} s"
         )
 
+    def cancelled(job: JobPlan) -> bool:
+        """Whether `vlaunch-ctl cancel` asked for this job (it also stops a running job's processes)."""
+        request = job.run_dir / registry.CANCEL_FILE
+        if not request.exists():
+            return False
+        request.unlink(missing_ok=True)
+        return True
+
     try:
         while pending or running:
             while pending and len(running) < limit:
-                running.append(start(pending.pop(0)))
+                job = pending.pop(0)
+                if cancelled(job):
+                    results[job.num] = JobResult(job.num, job.label, CANCELLED)
+                    if on_change is not None:
+                        on_change(job.num, CANCELLED, None, None)
+                    print(f"  job {job.num} ({job.label}) cancelled before it started (vlaunch-ctl cancel)")
+                    continue
+                running.append(start(job))
             for run in list(running):
                 codes = [p.poll() for p in run.procs]
                 failed = [c for c in codes if c not in (None, 0)]
-                if failed:
+                if failed and cancelled(run.job):
+                    _stop(run.procs)
+                    finish(run, CANCELLED, None)
+                    running.remove(run)
+                elif failed:
                     # One rank failed: the others would wait forever in a collective.
                     _stop(run.procs)
                     finish(run, FAILED, failed[0])

@@ -318,19 +318,10 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
 
     `on_change(num, state, handle, code)` hears of each start (RUNNING, the TPU's name) and end, in
     this thread."""
+    from launcher.tpu import staging
 
     if plan.code_dir is None:
         raise LaunchError("the TPU backends stage the code of a git checkout; run the launcher from one")
-    for job in plan.jobs:  # a request a killed launcher never saw is not meant for this launch
-        (job.run_dir / registry.CANCEL_FILE).unlink(missing_ok=True)
-    # vlaunch-ctl learns from these files that the jobs are ours (resume leaves them alone, cancel asks
-    # us to stop them); a file left by a killed launcher tells it that nobody watches them any more.
-    with registry.watching(j.run_dir for j in plan.jobs):
-        return _run(plan, on_change)
-
-
-def _run(plan: SweepPlan, on_change) -> list[JobResult]:
-    from launcher.tpu import staging
 
     files = _snapshot_files(Path(plan.code_dir))
     first = plan.jobs[0].config["backend"]

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -258,24 +257,28 @@ def test_kill_stops_every_job_of_a_parallel_sweep_and_deletes_their_tpus(pod):
     assert [(j.num, j.state) for j in jobs] == [(0, "CANCELLED"), (1, "CANCELLED")]
 
 
-def test_vlaunch_ctl_cancel_stops_a_running_tpu_job_and_resume_leaves_watched_jobs_alone(pod):
-    """From another terminal: `resume` must not start a second copy of jobs a launcher still runs, and
-    `cancel <sweep> 0` stops job 0 through its launcher (hosts save, TPU deleted) while the sweep goes
-    on to job 1, which a second `cancel` stops too."""
+def test_a_detached_tpu_sweep_is_cancelled_job_by_job_and_resume_leaves_it_alone(pod):
+    """--detach: the launch returns at once and a background launcher runs the sweep. From another
+    terminal, `resume` must not start a second copy of its jobs, and `cancel <sweep> 0` stops job 0
+    through that launcher (hosts save, TPU deleted) while the sweep goes on to job 1, which a second
+    `cancel` stops too."""
     fake = pod["fake"]
-    proc = launch(pod, "-m", "seed=1,2", "backend.accelerator_type=v4-8")
-    # Read the launcher's output all along: it must never block on a full pipe while ctl waits for it.
-    reader = threading.Thread(target=read_until, args=(proc, lambda: False), daemon=True)
-    reader.start()
+    proc = launch(pod, "-m", "seed=1,2", "backend.accelerator_type=v4-8", "--detach")
+    code, text = finish(proc)
+    assert code == 0 and "2 job(s) on tpu_pod, run in the background by pid" in text, text[-4000:]
+    from launcher import registry
+    from launcher.registry import Registry
 
-    def said(text: str) -> None:
+    reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
+    sweep = reg.resolve("latest")
+    log = Path(sweep.runs_dir) / "launcher.log"
+    background = int(text.split("run in the background by pid ")[1].split()[0])
+
+    def said(what: str) -> None:
         deadline = time.monotonic() + TIMEOUT_S
-        while not any(text in line for line in proc.lines):
-            assert proc.poll() is None or reader.is_alive(), "".join(proc.lines[-50:])
-            assert time.monotonic() < deadline, "".join(proc.lines[-50:])
-            time.sleep(0.1)
-
-    said("starting at step")
+        while what not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
 
     def ctl(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -283,6 +286,7 @@ def test_vlaunch_ctl_cancel_stops_a_running_tpu_job_and_resume_leaves_watched_jo
             cwd=REPO, env=pod["env"], capture_output=True, text=True, timeout=TIMEOUT_S,
         )  # fmt: skip
 
+    said("starting at step")
     resume = ctl("resume", "latest")
     assert resume.returncode == 0, resume.stdout + resume.stderr
     assert "2 job(s) still queued or running, left alone: [0, 1]" in resume.stdout, resume.stdout
@@ -290,23 +294,21 @@ def test_vlaunch_ctl_cancel_stops_a_running_tpu_job_and_resume_leaves_watched_jo
 
     cancel = ctl("cancel", "latest", "0")
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
-    assert f"asked the launcher (pid {proc.pid}) to stop job(s) 0" in cancel.stdout, cancel.stdout
+    assert f"asked the launcher (pid {background}) to stop job(s) 0" in cancel.stdout, cancel.stdout
     assert "cancelled 1 job(s): 0" in cancel.stdout, cancel.stdout
     said("job 1 (seed=2): TPU")
     cancel = ctl("cancel", "latest")
     assert cancel.returncode == 0 and "cancelled 1 job(s): 1" in cancel.stdout, cancel.stdout + cancel.stderr
 
-    reader.join(timeout=60)
-    code, text = proc.wait(timeout=60), "".join(proc.lines)
-    assert code == 1, text[-4000:]  # the launch ends (not every job completed)
+    deadline = time.monotonic() + 60
+    while registry.watcher(reg.jobs(sweep.id)[0].run_dir)[0] == "alive":  # it ends with its jobs
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    text = log.read_text()
     assert "job 0: cancelled (vlaunch-ctl cancel)" in text, text[-4000:]
     assert "(empty log)" not in text, text[-4000:]  # cancelled on purpose: no failure report
     assert "stopping the trainer on 1 host(s)" in text, text[-4000:]
     assert not _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")
-    from launcher.registry import Registry
-
-    reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
-    sweep = reg.resolve("latest")
     assert [(j.num, j.state) for j in reg.jobs(sweep.id)] == [(0, "CANCELLED"), (1, "CANCELLED")]
     assert not list(Path(sweep.runs_dir).glob("jobs/*/launcher.json"))  # nobody watches them now
 

@@ -175,6 +175,13 @@ def test_backend_and_hydra_launcher_are_one_choice(tmp_path):
     assert clash.returncode == 2 and "disagree" in clash.stderr
 
 
+def test_detach_with_wait_is_one_line_and_nothing_is_recorded(tmp_path):
+    proc = launcher("trainer=singularity", "--detach", "--wait", runs=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--detach and --wait contradict each other" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_site_profile_fills_unset_fields_and_the_command_line_wins(tmp_path):
     site = launcher("backend=slurm", "site=local_slurm", "--dry-run", runs=tmp_path, check=True)
     assert "#SBATCH --partition=debug" in site.stdout

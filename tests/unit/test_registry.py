@@ -694,3 +694,49 @@ def test_a_tpu_job_whose_launcher_was_killed_is_failed_with_the_reason_and_no_lo
     facts = {"pid": os.getpid(), "host": "login-2", "start": "1"}
     (run_dir / registry.WATCHER_FILE).write_text(json.dumps(facts))
     assert registry.watcher(run_dir) == ("elsewhere", facts)
+
+
+DETACHED_LAUNCH = """
+import pickle, sys
+from launcher import sweep
+sweep.snapshot.attach = lambda plan: None  # the jobs are stand-in scripts: no code snapshot
+plan = pickle.loads(open(sys.argv[1], "rb").read())
+sys.exit(sweep.run_plan(plan, dry_run=False, wait=False, detach=True, registry_file=sys.argv[2]))
+"""
+
+
+def test_detach_returns_at_once_and_a_job_cancelled_while_waiting_never_starts(tmp_path, capsys):
+    """--detach on the local backend: the launch returns while its jobs run in a background launcher;
+    vlaunch-ctl sees them alive (resume leaves them alone), and cancelling the job still waiting for a
+    slot means it never starts, while the running one completes."""
+    import pickle
+
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "det", [(30, 0.1, 0), (1, 0.1, 0)])
+    plan.resource_groups[0][0]["max_parallel"] = 1  # job 1 waits for job 0's slot
+    (tmp_path / "plan.pickle").write_bytes(pickle.dumps(plan))
+    launch = subprocess.run(
+        [sys.executable, "-c", DETACHED_LAUNCH, str(tmp_path / "plan.pickle"), str(reg_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert launch.returncode == 0, launch.stdout + launch.stderr
+    assert "2 job(s) on local, run in the background by pid" in launch.stdout, launch.stdout
+    assert "vlaunch-ctl cancel det" in launch.stdout
+    with Registry(reg_path) as r:
+        states = [j.state for j in r.jobs("det")]
+    assert states[0] in (registry.PENDING, registry.RUNNING) and states[1] == registry.PENDING, states
+
+    assert ctl.main(["--registry", str(reg_path), "resume", "det"]) == 0
+    assert "2 job(s) still queued or running, left alone: [0, 1]" in capsys.readouterr().out
+    assert ctl.main(["--registry", str(reg_path), "cancel", "det", "1"]) == 0
+    run_dirs = [j.run_dir for j in plan.jobs]
+    deadline = time.monotonic() + 60
+    while registry.watcher(run_dirs[0])[0] == "alive":  # the background launcher ends with its jobs
+        assert time.monotonic() < deadline, (plan.sweep_dir / "launcher.log").read_text()
+        time.sleep(0.1)
+    log = (plan.sweep_dir / "launcher.log").read_text()
+    with Registry(reg_path) as r:
+        assert [j.state for j in r.jobs("det")] == [registry.COMPLETED, registry.CANCELLED], log
+    assert "job 1 (seed=1) cancelled before it started (vlaunch-ctl cancel)" in log
+    assert not (run_dirs[1] / "logs").exists()  # never started
+    assert not any((d / registry.WATCHER_FILE).exists() for d in run_dirs)
