@@ -253,7 +253,7 @@ def cmd_cancel(reg: Registry, args: argparse.Namespace) -> int:
         stopped = []
         for j in live:
             # For the launcher that runs them: record CANCELLED, and never start one still waiting.
-            (Path(j.run_dir) / registry.CANCEL_FILE).write_text(f"{time.time()}\n")
+            _request_cancel(j)
             for pid in registry.local_pids_alive(j.handle, j.run_dir):
                 try:
                     os.killpg(pid, signal.SIGTERM)  # each local rank leads its own process group
@@ -387,7 +387,7 @@ def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> 
     if not watched:
         return 0
     for j in watched:
-        (Path(j.run_dir) / registry.CANCEL_FILE).write_text(f"{time.time()}\n")
+        _request_cancel(j)
     launchers = sorted({_launcher_text(registry.watcher(j.run_dir)) for j in watched})
     nums = [j.num for j in watched]
     print(
@@ -417,6 +417,14 @@ def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> 
     status.done()
     print(f"not all have stopped yet: vlaunch-ctl status {sweep.id} shows when they have")
     return 1
+
+
+def _request_cancel(job: Job) -> None:
+    """Ask the launcher running `job` to stop it (it reads the file; see launcher/registry.py)."""
+    try:
+        (Path(job.run_dir) / registry.CANCEL_FILE).write_text(f"{time.time()}\n")
+    except OSError:
+        pass  # its run dir is gone: no launcher can be running it
 
 
 def _launcher_text(seen: tuple[str, dict[str, Any]]) -> str:

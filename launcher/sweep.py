@@ -233,6 +233,13 @@ def run_detached(plan: SweepPlan, reg: registry.Registry) -> int:
     """--detach: a child process in a session of its own runs the jobs (as `run_here` does, output to
     <sweep dir>/launcher.log); this one says how to follow them and returns at once. A closed terminal
     does not reach the child; `vlaunch-ctl cancel` or `kill <its pid>` stop its jobs at a checkpoint."""
+    check = getattr(backends.get(plan.backend), "preflight", None)
+    if check is not None:  # what would fail at once fails here, on the terminal, not in the log
+        try:
+            check(plan)
+        except LaunchError as e:
+            reg.mark(plan.sweep_id, [j.num for j in plan.jobs], registry.FAILED_TO_SUBMIT, error=str(e))
+            raise
     log = plan.sweep_dir / "launcher.log"
     path = reg.path
     reg.close()  # SQLite connections must not cross a fork: the child opens its own
@@ -247,8 +254,9 @@ def run_detached(plan: SweepPlan, reg: registry.Registry) -> int:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(out, 1)
             os.dup2(out, 2)
-            sys.stdout.reconfigure(line_buffering=True)
-            sys.stderr.reconfigure(line_buffering=True)
+            for stream in (sys.stdout, sys.stderr):
+                if hasattr(stream, "reconfigure"):
+                    stream.reconfigure(line_buffering=True)
             print(f"launcher pid {os.getpid()}: {plan.command_line}")
             with registry.Registry(path) as child:
                 code = run_here(plan, child)

@@ -312,6 +312,17 @@ def _check_endpoints(resources: dict[str, Any]) -> None:
             _check_answers(google, what, emulator=False)
 
 
+def preflight(plan: SweepPlan) -> None:
+    """What must hold before anything starts (also checked before --detach leaves the terminal): a
+    git checkout to stage, and the storage and TPU endpoints answering."""
+    if plan.code_dir is None:
+        raise LaunchError("the TPU backends stage the code of a git checkout; run the launcher from one")
+    first = plan.jobs[0].config["backend"]
+    if first.get("gcs_endpoint"):
+        os.environ.update(gcs_emulator_env(first["gcs_endpoint"]))  # our own staging and reads
+    _check_endpoints(first)
+
+
 def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
     """Run every job of the plan on its TPU, `backend.max_parallel` at once (default: one after
     another); return when all have ended.
@@ -320,18 +331,13 @@ def run(plan: SweepPlan, on_change=None) -> list[JobResult]:
     this thread."""
     from launcher.tpu import staging
 
-    if plan.code_dir is None:
-        raise LaunchError("the TPU backends stage the code of a git checkout; run the launcher from one")
-
+    preflight(plan)
     files = _snapshot_files(Path(plan.code_dir))
     first = plan.jobs[0].config["backend"]
-    if first.get("gcs_endpoint"):
-        os.environ.update(gcs_emulator_env(first["gcs_endpoint"]))  # our own staging and reads
     commit, diff_hash = registry.git_facts(Path(__file__).resolve().parents[2])
     parallel = max(1, min(int(first.get("max_parallel") or 1), len(plan.jobs)))
     how = "one after another" if parallel == 1 else f"{parallel} at once, each on its own TPU"
     print(f"sweep {plan.sweep_id}: {len(plan.jobs)} job(s) on {plan.backend}, {how}")
-    _check_endpoints(first)
     # gcsfs logs every exhausted retry with a traceback; the error line below says the same in one line.
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     print(f"  staging the code ({len(files)} files) to {first['bucket']}", flush=True)

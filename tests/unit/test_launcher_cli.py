@@ -182,6 +182,32 @@ def test_detach_with_wait_is_one_line_and_nothing_is_recorded(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_detach_checks_the_tpu_endpoints_first_and_fails_on_the_terminal(tmp_path):
+    """An unreachable endpoint is the one-line error on the terminal, not a background failure in a log."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = dict(os.environ, VLAUNCH_RUNS=str(tmp_path / "runs"), VLAUNCH_REGISTRY=str(tmp_path / "reg.sqlite"))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "launcher", "trainer=reserve", "backend=tpu_pod", "backend.project=p",
+            "backend.zone=us-central2-b", "backend.bucket=gs://b/x", f"backend.api_endpoint={closed}",
+            f"backend.gcs_endpoint={closed}", "--detach",
+        ],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"nothing answers at {closed} (backend.gcs_endpoint" in proc.stderr
+    assert "in the background" not in proc.stdout
+    assert not list((tmp_path / "runs").glob("*/launcher.log"))
+    from launcher.registry import Registry
+
+    with Registry(tmp_path / "reg.sqlite") as r:
+        assert [j.state for j in r.jobs(r.resolve("latest").id)] == ["FAILED_TO_SUBMIT"]
+
+
 def test_site_profile_fills_unset_fields_and_the_command_line_wins(tmp_path):
     site = launcher("backend=slurm", "site=local_slurm", "--dry-run", runs=tmp_path, check=True)
     assert "#SBATCH --partition=debug" in site.stdout
