@@ -32,6 +32,7 @@ from launcher import registry
 from launcher.errors import LaunchError
 from launcher.registry import Job, Registry, RegistryError, Sweep
 
+DETACH_HELP = "local and TPU: run the jobs in the background (output in <sweep dir>/launcher.log)"
 REFRESH_MAX_AGE_S = 10.0  # sacct is asked about a sweep at most this often, unless --refresh
 
 
@@ -312,8 +313,11 @@ def build_plan(reg: Registry, sweep: Sweep, jobs: list[Job], *, code_dir: str | 
     return plan, num_of
 
 
-def relaunch(reg: Registry, sweep: Sweep, jobs: list[Job], *, code_dir: str | None, why: str) -> int:
-    """Submit `jobs` of `sweep` again through its backend and record the new handles."""
+def relaunch(
+    reg: Registry, sweep: Sweep, jobs: list[Job], *, code_dir: str | None, why: str, detach: bool = False
+) -> int:
+    """Submit `jobs` of `sweep` again through its backend and record the new handles (local and TPU:
+    run them here, or in a background launcher with `detach`)."""
     from launcher import backends
     from launcher import sweep as apply
 
@@ -327,24 +331,19 @@ def relaunch(reg: Registry, sweep: Sweep, jobs: list[Job], *, code_dir: str | No
         step = job.checkpoint_step
         start = f"from checkpoint step {step}" if step is not None else "from its latest checkpoint, if any"
         print(f"  job {job.num} ({job.label}) was {_state_text(job)}: again {start}")
-    if sweep.backend == "local":
-        reg.update(
-            sweep.id,
-            [registry.Observation(num=n, state=registry.PENDING) for n in num_of.values()],
-            kind="resubmit",
-            detail=why,
-        )
-        return apply.run_here(plan, reg, num_of=num_of)
-    if sweep.backend.startswith("tpu_"):
-        from launcher import snapshot
+    if sweep.backend == "local" or sweep.backend.startswith("tpu_"):
+        if sweep.backend != "local":
+            from launcher import snapshot
 
-        snapshot.attach(plan)  # the hosts get staged code: today's (resubmit) or the sweep's (resume)
+            snapshot.attach(plan)  # the hosts get staged code: today's (resubmit) or the sweep's (resume)
         reg.update(
             sweep.id,
             [registry.Observation(num=n, state=registry.PENDING) for n in num_of.values()],
             kind="resubmit",
             detail=why,
         )
+        if detach:
+            return apply.run_detached(plan, reg, num_of=num_of)
         return apply.run_here(plan, reg, num_of=num_of)
     try:
         submission = backends.get(sweep.backend).submit(plan)
@@ -373,7 +372,7 @@ def cmd_resubmit(reg: Registry, args: argparse.Namespace) -> int:
         print(f"sweep {sweep.id}: no failed, cancelled or timed-out jobs to resubmit ({counts})")
         return 0
     print(f"sweep {sweep.id}: resubmitting {len(jobs)} job(s) with the current code")
-    return relaunch(reg, sweep, jobs, code_dir=None, why="vlaunch-ctl resubmit --failed")
+    return relaunch(reg, sweep, jobs, code_dir=None, why="vlaunch-ctl resubmit --failed", detach=args.detach)
 
 
 def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> int:
@@ -479,7 +478,7 @@ def cmd_resume(reg: Registry, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(f"sweep {sweep.id}: resuming {len(jobs)} job(s)")
-    return relaunch(reg, sweep, jobs, code_dir=sweep.code_dir, why="vlaunch-ctl resume")
+    return relaunch(reg, sweep, jobs, code_dir=sweep.code_dir, why="vlaunch-ctl resume", detach=args.detach)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -639,10 +638,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resubmit", help="submit failed/cancelled/timed-out jobs again (current code)")
     s.add_argument("sweep")
     s.add_argument("--failed", action="store_true", help="every job that ended without completing")
+    s.add_argument("--detach", action="store_true", help=DETACH_HELP)
     s.set_defaults(run=cmd_resubmit)
 
     s = sub.add_parser("resume", help="re-launch every unfinished job with the code it was submitted with")
     s.add_argument("sweep")
+    s.add_argument("--detach", action="store_true", help=DETACH_HELP)
     s.set_defaults(run=cmd_resume)
 
     s = sub.add_parser("report", help="metrics table, PNG plot, CSV and JSON of a sweep")

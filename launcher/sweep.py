@@ -229,7 +229,7 @@ def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, nu
     return report(results)
 
 
-def run_detached(plan: SweepPlan, reg: registry.Registry) -> int:
+def run_detached(plan: SweepPlan, reg: registry.Registry, num_of=None) -> int:
     """--detach: a child process in a session of its own runs the jobs (as `run_here` does, output to
     <sweep dir>/launcher.log); this one says how to follow them and returns at once. A closed terminal
     does not reach the child; `vlaunch-ctl cancel` or `kill <its pid>` stop its jobs at a checkpoint."""
@@ -238,7 +238,8 @@ def run_detached(plan: SweepPlan, reg: registry.Registry) -> int:
         try:
             check(plan)
         except LaunchError as e:
-            reg.mark(plan.sweep_id, [j.num for j in plan.jobs], registry.FAILED_TO_SUBMIT, error=str(e))
+            nums = list(num_of.values()) if num_of else [j.num for j in plan.jobs]
+            reg.mark(plan.sweep_id, nums, registry.FAILED_TO_SUBMIT, error=str(e))
             raise
     log = plan.sweep_dir / "launcher.log"
     path = reg.path
@@ -259,7 +260,7 @@ def run_detached(plan: SweepPlan, reg: registry.Registry) -> int:
                     stream.reconfigure(line_buffering=True)
             print(f"launcher pid {os.getpid()}: {plan.command_line}")
             with registry.Registry(path) as child:
-                code = run_here(plan, child)
+                code = run_here(plan, child, num_of=num_of)
         except LaunchError as e:
             code = fail(e)
         except BaseException:
@@ -273,7 +274,8 @@ def run_detached(plan: SweepPlan, reg: registry.Registry) -> int:
     n = len(plan.jobs)
     print(f"sweep {plan.sweep_id}: {n} job(s) on {plan.backend}, run in the background by pid {pid}")
     print(f"  its output:  {log}")
-    print(f"  follow:      vlaunch-ctl status {plan.sweep_id}; vlaunch-ctl logs {plan.sweep_id} 0 --follow")
+    first = num_of[plan.jobs[0].num] if num_of else plan.jobs[0].num
+    print(f"  follow:      vlaunch-ctl status {plan.sweep_id}; vlaunch-ctl logs {plan.sweep_id} {first} --follow")
     print(f"  stop:        vlaunch-ctl cancel {plan.sweep_id}  (the jobs save a checkpoint first)")
     return 0
 

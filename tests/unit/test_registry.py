@@ -740,3 +740,15 @@ def test_detach_returns_at_once_and_a_job_cancelled_while_waiting_never_starts(t
     assert "job 1 (seed=1) cancelled before it started (vlaunch-ctl cancel)" in log
     assert not (run_dirs[1] / "logs").exists()  # never started
     assert not any((d / registry.WATCHER_FILE).exists() for d in run_dirs)
+
+    # resume --detach: the cancelled job runs now, in the background again.
+    resume = run_ctl("resume", "det", "--detach", registry_path=reg_path)
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    assert "1 job(s) on local, run in the background by pid" in resume.stdout, resume.stdout
+    assert "vlaunch-ctl logs det 1 --follow" in resume.stdout
+    deadline = time.monotonic() + 60
+    with Registry(reg_path) as r:
+        while r.jobs("det")[1].state != registry.COMPLETED:
+            assert time.monotonic() < deadline, (plan.sweep_dir / "launcher.log").read_text()
+            time.sleep(0.1)
+    assert (run_dirs[1] / "metrics.json").exists()
