@@ -405,7 +405,12 @@ def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> 
                 status.done()
                 print(f"sweep {sweep.id}: cancelled {len(jobs)} job(s): {' '.join(map(str, nums))}")
                 return 0
-            if not any(registry.watcher(j.run_dir)[0] in ("alive", "elsewhere") for j in left):
+            seen = {registry.watcher(j.run_dir)[0] for j in left}
+            if "alive" not in seen:
+                status.done()
+                if "elsewhere" in seen:  # its registry may not be this one: nothing to wait for here
+                    print("their launcher runs on another machine: it records them CANCELLED there")
+                    return 0
                 break  # the launcher ended without recording them: status says so after a refresh
             status.show(f"  waiting for {len(left)} job(s) to stop ({time.monotonic() - started:.0f} s)")
             time.sleep(0.5)

@@ -275,7 +275,9 @@ def run_detached(plan: SweepPlan, reg: registry.Registry, num_of=None) -> int:
     print(f"sweep {plan.sweep_id}: {n} job(s) on {plan.backend}, run in the background by pid {pid}")
     print(f"  its output:  {log}")
     first = num_of[plan.jobs[0].num] if num_of else plan.jobs[0].num
-    print(f"  follow:      vlaunch-ctl status {plan.sweep_id}; vlaunch-ctl logs {plan.sweep_id} {first} --follow")
+    print(
+        f"  follow:      vlaunch-ctl status {plan.sweep_id}; vlaunch-ctl logs {plan.sweep_id} {first} --follow"
+    )
     print(f"  stop:        vlaunch-ctl cancel {plan.sweep_id}  (the jobs save a checkpoint first)")
     return 0
 
