@@ -468,6 +468,8 @@ def test_ctl_logs_follow_and_cancel_of_local_jobs(tmp_path, monkeypatch, capsys)
     assert "cancelled 1 job(s)" in capsys.readouterr().out
     launcher.join(timeout=30)
     assert not launcher.is_alive()
+    with Registry(reg_path) as r:  # the launcher saw the request: CANCELLED, not FAILED by SIGTERM
+        assert [j.state for j in r.jobs("loc")] == [registry.COMPLETED, registry.CANCELLED]
     with Registry(reg_path) as r:
         job1 = r.jobs("loc", [1])[0]
         assert job1.state == "CANCELLED" and not registry.local_pids_alive(job1.handle, job1.run_dir)
