@@ -145,6 +145,9 @@ def status_text(reg: Registry, sweep: Sweep, now: float | None = None) -> str:
         f"{_when(sweep.created)}, git {git}",
         f"  {_counts_text(counts)}; {fresh}; runs {sweep.runs_dir}",
     ]
+    background = Path(sweep.runs_dir) / "launcher.log"
+    if background.exists():  # launched (or resumed) with --detach
+        head.append(f"  background launcher's output: {background}")
     header = ["job", "overrides", "handle", "state", "requeues", metric or "metric", "checkpoint"]
     why = [f"  job {j.num}: {j.error}" for j in jobs if j.error and j.state != registry.COMPLETED]
     return "\n".join([*head, _table(header, rows), *why])

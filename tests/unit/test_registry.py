@@ -730,6 +730,8 @@ def test_detach_returns_at_once_and_a_job_cancelled_while_waiting_never_starts(t
 
     assert ctl.main(["--registry", str(reg_path), "resume", "det"]) == 0
     assert "2 job(s) still queued or running, left alone: [0, 1]" in capsys.readouterr().out
+    assert ctl.main(["--registry", str(reg_path), "status", "det"]) == 0
+    assert f"background launcher's output: {plan.sweep_dir / 'launcher.log'}" in capsys.readouterr().out
     assert ctl.main(["--registry", str(reg_path), "cancel", "det", "1"]) == 0
     run_dirs = [j.run_dir for j in plan.jobs]
     deadline = time.monotonic() + 60
