@@ -714,7 +714,7 @@ def test_detach_returns_at_once_and_a_job_cancelled_while_waiting_never_starts(t
     import pickle
 
     reg_path = tmp_path / "registry.sqlite"
-    plan = local_plan(tmp_path, "det", [(30, 0.1, 0), (1, 0.1, 0)])
+    plan = local_plan(tmp_path, "det", [(60, 0.1, 0), (1, 0.1, 0)])  # job 0: 6 s, for the checks below
     plan.resource_groups[0][0]["max_parallel"] = 1  # job 1 waits for job 0's slot
     (tmp_path / "plan.pickle").write_bytes(pickle.dumps(plan))
     launch = subprocess.run(
