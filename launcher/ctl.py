@@ -378,6 +378,34 @@ def cmd_resubmit(reg: Registry, args: argparse.Namespace) -> int:
     return relaunch(reg, sweep, jobs, code_dir=None, why="vlaunch-ctl resubmit --failed", detach=args.detach)
 
 
+def cmd_teardown(reg: Registry, args: argparse.Namespace) -> int:
+    sweep = refresh(reg, reg.resolve(args.sweep))
+    if not sweep.backend.startswith("tpu_"):
+        raise CtlError(
+            f"sweep {sweep.id} ran on {sweep.backend}: teardown deletes what TPU sweeps left behind"
+        )
+    jobs = reg.jobs(sweep.id, args.jobs or None)
+    running = [j for j in jobs if registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")]
+    if running:
+        print(
+            f"sweep {sweep.id}: left alone, a launcher still runs them (vlaunch-ctl cancel stops them and "
+            f"tears their TPUs down): {' '.join(str(j.num) for j in running)}"
+        )
+    jobs = [j for j in jobs if j not in running]
+    if not jobs:
+        return 0
+    from launcher.backends import tpu
+
+    plan, num_of = build_plan(reg, sweep, jobs, code_dir=None, command_line="vlaunch-ctl teardown")
+    try:
+        tpu._check_endpoints(plan.jobs[0].config["backend"], storage=False)
+        for job in plan.jobs:
+            print(f"  job {num_of[job.num]}: {tpu.teardown_left(plan, job)}")
+    except LaunchError as e:
+        raise CtlError(str(e)) from None
+    return 0
+
+
 def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> int:
     """A TPU job is stopped by the launcher that runs it: ask it through the job's run dir, and wait
     (up to `wait_s`) while its hosts save a checkpoint and its TPU is torn down."""
@@ -642,6 +670,13 @@ def parser() -> argparse.ArgumentParser:
         help="TPU jobs: wait up to S seconds while their launcher stops them (default 600)",
     )
     s.set_defaults(run=cmd_cancel)
+
+    s = sub.add_parser(
+        "teardown", help="TPU sweeps: delete the TPUs their jobs left (a killed launcher, teardown=keep)"
+    )
+    s.add_argument("sweep")
+    s.add_argument("jobs", type=int, nargs="*")
+    s.set_defaults(run=cmd_teardown)
 
     s = sub.add_parser("resubmit", help="submit failed/cancelled/timed-out jobs again (current code)")
     s.add_argument("sweep")

@@ -815,7 +815,7 @@ def refresh(
                     f"the launcher that ran it (pid {launcher['pid']}) ended without recording how it "
                     f"ended; vlaunch-ctl resume {sweep.id} continues it from its checkpoint"
                     + (
-                        f"; its TPU {job.handle} may still exist"
+                        f"; its TPU {job.handle} may still exist (vlaunch-ctl teardown {sweep.id} deletes it)"
                         if job.handle and sweep.backend != "local"
                         else ""
                     )

@@ -293,17 +293,18 @@ def _check_answers(url: str, setting: str, emulator: bool = True) -> None:
         ) from None
 
 
-def _check_endpoints(resources: dict[str, Any]) -> None:
+def _check_endpoints(resources: dict[str, Any], storage: bool = True) -> None:
     """Say at once when the storage or the TPU API is out of reach (an emulator that is not running,
     a machine without network): the clients would retry for most of a minute first. Through an HTTPS
     proxy, Google's endpoints are not probed (the proxy may reach what we cannot)."""
     from launcher.tpu.client import DEFAULT_ENDPOINT
 
     proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    for key, emulator_env, google, what in (
+    endpoints = [
         ("gcs_endpoint", "STORAGE_EMULATOR_HOST", "https://storage.googleapis.com", "Google Cloud Storage"),
         ("api_endpoint", None, DEFAULT_ENDPOINT, "the Cloud TPU API"),
-    ):
+    ]
+    for key, emulator_env, google, what in endpoints[0 if storage else 1 :]:
         if resources.get(key):
             _check_answers(resources[key], f"backend.{key}")
         elif emulator_env and os.environ.get(emulator_env):
@@ -552,6 +553,30 @@ class _Tpu:
         except TpuError as e:
             if e.status != "NOT_FOUND":
                 raise
+
+
+def teardown_left(plan: SweepPlan, job: JobPlan) -> str:
+    """Delete the TPU (or queued resource) a job left behind: its launcher was killed, or it ran with
+    teardown=keep. A TPU named by backend.tpu_name is the user's and stays. Returns what happened."""
+    from launcher.tpu.client import TpuError
+
+    resources = job.config["backend"]
+    if resources.get("tpu_name"):
+        name = resources["tpu_name"]
+        return f"TPU {name} is yours (backend.tpu_name), kept: infra/delete_tpu.sh {name} deletes it"
+    tpu = _Tpu(plan, job, resources, ssh_keys="")
+    what = "queued resource" if tpu.queued else "TPU"
+    try:
+        (tpu.client.get_queued_resource if tpu.queued else tpu.client.get_node)(tpu.name)
+    except TpuError as e:
+        if e.status == "NOT_FOUND":
+            return f"no {what} {tpu.name} (deleted already, or never made)"
+        raise LaunchError(f"asking for {what} {tpu.name}: {e}") from None
+    try:
+        tpu.delete("vlaunch-ctl teardown")
+    except TpuError as e:
+        raise LaunchError(f"deleting {what} {tpu.name}: {e}") from None
+    return f"{what} {tpu.name} deleted"
 
 
 def _run_job(

@@ -756,3 +756,48 @@ def test_detach_returns_at_once_and_a_job_cancelled_while_waiting_never_starts(t
             assert time.monotonic() < deadline, (plan.sweep_dir / "launcher.log").read_text()
             time.sleep(0.1)
     assert (run_dirs[1] / "metrics.json").exists()
+
+
+def test_teardown_deletes_the_tpus_tpu_jobs_left_and_keeps_named_and_watched_ones(tmp_path, capsys):
+    """vlaunch-ctl teardown: after a killed launcher (or teardown=keep), the sweep's own TPUs and
+    queued resources go, through the real TPU client against the fake Cloud TPU API; a TPU the user
+    named (backend.tpu_name) stays, and so do the jobs a living launcher still runs."""
+    from infra.fake_tpu.server import FakeTpuConfig, FakeTpuServer
+    from launcher.tpu.client import TpuClient, TpuSpec
+
+    reg_path = tmp_path / "registry.sqlite"
+    plan = make_plan(tmp_path, "tpt", 4)
+    plan.backend = "tpu_pod"
+    with FakeTpuServer(FakeTpuConfig()) as fake:
+        client = TpuClient("p", "us-central2-b", endpoint=fake.url, poll_interval_s=0.02)
+        tpu = {
+            "name": "tpu_pod", "project": "p", "zone": "us-central2-b", "api_endpoint": fake.url,
+            "accelerator_type": "v4-8", "runtime_version": "rv", "capacity": "spot", "queued": False,
+            "tpu_name": None, "poll_s": 0.05,
+        }  # fmt: skip
+        for job, over in zip(plan.jobs, [{}, {"queued": True}, {"tpu_name": "mine"}, {}], strict=True):
+            job.config["backend"] = {**tpu, **over}
+        client.create_node("vl-tpt-0", TpuSpec("v4-8", "rv"))
+        client.create_queued_resource("vl-tpt-1", TpuSpec("v4-8", "rv", capacity="spot"))
+        client.create_node("mine", TpuSpec("v4-8", "rv"))
+        client.create_node("vl-tpt-3", TpuSpec("v4-8", "rv"))
+        with Registry(reg_path) as r:
+            record(r, plan)
+        with registry.watching([plan.jobs[3].run_dir]):  # job 3: its launcher (this process) runs it
+            assert ctl.main(["--registry", str(reg_path), "teardown", "tpt"]) == 0
+        out = capsys.readouterr().out
+        assert "left alone, a launcher still runs them (vlaunch-ctl cancel stops them" in out, out
+        assert "job 0: TPU vl-tpt-0 deleted" in out and "job 1: queued resource vl-tpt-1 deleted" in out, out
+        assert "job 2: TPU mine is yours (backend.tpu_name), kept" in out, out
+        names = {n.name.rsplit("/", 1)[1] for n in client.list_nodes()}
+        assert names == {"mine", "vl-tpt-3"}
+        assert client.list_queued_resources() == []
+
+        assert ctl.main(["--registry", str(reg_path), "teardown", "tpt", "0"]) == 0
+        assert "job 0: no TPU vl-tpt-0 (deleted already, or never made)" in capsys.readouterr().out
+
+    slurm = make_plan(tmp_path, "slu", 1)
+    with Registry(reg_path) as r:
+        record(r, slurm)
+    assert ctl.main(["--registry", str(reg_path), "teardown", "slu"]) == 2
+    assert "sweep slu ran on slurm: teardown deletes what TPU sweeps left behind" in capsys.readouterr().err
