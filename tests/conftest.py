@@ -1,9 +1,17 @@
 """Shared fixtures: a private experiment registry for every test, and fake-gcs-server on demand."""
 
 import os
+import signal
 
 # gcsfs reads this when it is imported: against any emulator it must be off (see infra/fake_gcs.py).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+# Tests send SIGINT to the launchers they start and expect what Ctrl-C does. A shell that starts
+# `make test` in the background without job control (`(cmd &)` in a script) hands SIGINT down ignored,
+# and an ignored signal stays ignored across exec, so those launchers would never see it. A handler
+# (unlike SIG_IGN) is reset to the default in the programs this process starts.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 
