@@ -257,7 +257,7 @@ def cmd_cancel(reg: Registry, args: argparse.Namespace) -> int:
         stopped = []
         for j in live:
             # For the launcher that runs them: record CANCELLED, and never start one still waiting.
-            _request_cancel(j)
+            registry.request_cancel(j.run_dir)
             for pid in registry.local_pids_alive(j.handle, j.run_dir):
                 try:
                     os.killpg(pid, signal.SIGTERM)  # each local rank leads its own process group
@@ -385,7 +385,7 @@ def cmd_teardown(reg: Registry, args: argparse.Namespace) -> int:
             f"sweep {sweep.id} ran on {sweep.backend}: teardown deletes what TPU sweeps left behind"
         )
     jobs = reg.jobs(sweep.id, args.jobs or None)
-    running = [j for j in jobs if registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")]
+    running = [j for j in jobs if registry.watched(j.run_dir)]
     if running:
         print(
             f"sweep {sweep.id}: left alone, a launcher still runs them (vlaunch-ctl cancel stops them and "
@@ -398,9 +398,8 @@ def cmd_teardown(reg: Registry, args: argparse.Namespace) -> int:
 
     plan, num_of = build_plan(reg, sweep, jobs, code_dir=None, command_line="vlaunch-ctl teardown")
     try:
-        tpu._check_endpoints(plan.jobs[0].config["backend"], storage=False)
-        for job in plan.jobs:
-            print(f"  job {num_of[job.num]}: {tpu.teardown_left(plan, job)}")
+        for job, what in tpu.teardown_left(plan):
+            print(f"  job {num_of[job.num]}: {what}")
     except LaunchError as e:
         raise CtlError(str(e)) from None
     return 0
@@ -409,7 +408,7 @@ def cmd_teardown(reg: Registry, args: argparse.Namespace) -> int:
 def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> int:
     """A TPU job is stopped by the launcher that runs it: ask it through the job's run dir, and wait
     (up to `wait_s`) while its hosts save a checkpoint and its TPU is torn down."""
-    watched = [j for j in live if registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")]
+    watched = [j for j in live if registry.watched(j.run_dir)]
     orphans = [j for j in live if j not in watched]
     if orphans:  # no launcher runs them (any more): there is nothing to stop
         reg.mark(sweep.id, [j.num for j in orphans], registry.CANCELLED, detail="vlaunch-ctl cancel")
@@ -417,7 +416,7 @@ def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> 
     if not watched:
         return 0
     for j in watched:
-        _request_cancel(j)
+        registry.request_cancel(j.run_dir)
     launchers = sorted({_launcher_text(registry.watcher(j.run_dir)) for j in watched})
     nums = [j.num for j in watched]
     print(
@@ -454,14 +453,6 @@ def _cancel_tpu(reg: Registry, sweep: Sweep, live: list[Job], wait_s: float) -> 
     return 1
 
 
-def _request_cancel(job: Job) -> None:
-    """Ask the launcher running `job` to stop it (it reads the file; see launcher/registry.py)."""
-    try:
-        (Path(job.run_dir) / registry.CANCEL_FILE).write_text(f"{time.time()}\n")
-    except OSError:
-        pass  # its run dir is gone: no launcher can be running it
-
-
 def _launcher_text(seen: tuple[str, dict[str, Any]]) -> str:
     state, facts = seen
     where = "" if state == "alive" else f" on {facts.get('host')}"
@@ -477,7 +468,7 @@ def _alive(sweep: Sweep, jobs: list[Job]) -> set[int]:
             j.num
             for j in waiting
             if (sweep.backend == "local" and registry.local_pids_alive(j.handle, j.run_dir))
-            or registry.watcher(j.run_dir)[0] in ("alive", "elsewhere")
+            or registry.watched(j.run_dir)
         }
     with_handle = [j for j in waiting if j.handle]
     if not with_handle:

@@ -702,6 +702,30 @@ def watching(run_dirs: Iterable[Path]) -> Iterator[None]:
             f.unlink(missing_ok=True)
 
 
+def request_cancel(run_dir: str | Path) -> None:
+    """Ask the launcher running this job to stop it (`vlaunch-ctl cancel`)."""
+    try:
+        (Path(run_dir) / CANCEL_FILE).write_text(f"{time.time()}\n")
+    except OSError:
+        pass  # its run dir is gone: no launcher can be running it
+
+
+def cancel_requested(run_dir: str | Path, *, take: bool = False) -> bool:
+    """Whether `vlaunch-ctl cancel` asked for this job; `take`: the launcher acts on it now, so the
+    request is removed (a later run of the job must not see it)."""
+    request = Path(run_dir) / CANCEL_FILE
+    if not request.exists():
+        return False
+    if take:
+        request.unlink(missing_ok=True)
+    return True
+
+
+def watched(run_dir: str | Path) -> bool:
+    """Whether a launcher still runs this job (here, or on another host where we cannot tell)."""
+    return watcher(run_dir)[0] in ("alive", "elsewhere")
+
+
 def watcher(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
     """Who watches a TPU job: ("alive" | "gone" | "elsewhere" (another host: cannot tell) | "none",
     the launcher's {"pid", "host", "start"})."""

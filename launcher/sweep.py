@@ -207,7 +207,7 @@ def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, nu
     line says how to go on (128 + the signal: 130 for Ctrl-C). A failure before the jobs start
     (staging, say) leaves them FAILED_TO_SUBMIT."""
     for job in plan.jobs:  # a cancel request a killed launcher never saw is not meant for this run
-        (job.run_dir / registry.CANCEL_FILE).unlink(missing_ok=True)
+        registry.cancel_requested(job.run_dir, take=True)
     try:
         # The watcher files tell vlaunch-ctl that this process runs the jobs: resume leaves them
         # alone, cancel asks it to stop them; one left by a killed launcher says nobody does any more.
@@ -222,11 +222,17 @@ def run_here(plan: SweepPlan, reg: registry.Registry, *, poll_s: float = 1.0, nu
         print(f"{what}; continue the unfinished jobs with: vlaunch-ctl resume {plan.sweep_id}", flush=True)
         return 128 + signum
     except LaunchError as e:
-        nums = list(num_of.values()) if num_of else [j.num for j in plan.jobs]
-        waiting = [j.num for j in reg.jobs(plan.sweep_id, nums) if j.state == registry.PENDING]
+        waiting = [
+            j.num for j in reg.jobs(plan.sweep_id, _sweep_nums(plan, num_of)) if j.state == registry.PENDING
+        ]
         reg.mark(plan.sweep_id, waiting, registry.FAILED_TO_SUBMIT, error=str(e))
         raise
     return report(results)
+
+
+def _sweep_nums(plan: SweepPlan, num_of: dict[int, int] | None) -> list[int]:
+    """The registry's numbers of the plan's jobs (a resubmission's plan numbers its jobs its own way)."""
+    return [num_of[j.num] for j in plan.jobs] if num_of else [j.num for j in plan.jobs]
 
 
 def run_detached(plan: SweepPlan, reg: registry.Registry, num_of=None) -> int:
@@ -238,8 +244,7 @@ def run_detached(plan: SweepPlan, reg: registry.Registry, num_of=None) -> int:
         try:
             check(plan)
         except LaunchError as e:
-            nums = list(num_of.values()) if num_of else [j.num for j in plan.jobs]
-            reg.mark(plan.sweep_id, nums, registry.FAILED_TO_SUBMIT, error=str(e))
+            reg.mark(plan.sweep_id, _sweep_nums(plan, num_of), registry.FAILED_TO_SUBMIT, error=str(e))
             raise
     log = plan.sweep_dir / "launcher.log"
     path = reg.path
@@ -274,7 +279,7 @@ def run_detached(plan: SweepPlan, reg: registry.Registry, num_of=None) -> int:
     n = len(plan.jobs)
     print(f"sweep {plan.sweep_id}: {n} job(s) on {plan.backend}, run in the background by pid {pid}")
     print(f"  its output:  {log}")
-    first = num_of[plan.jobs[0].num] if num_of else plan.jobs[0].num
+    first = _sweep_nums(plan, num_of)[0]
     print(
         f"  follow:      vlaunch-ctl status {plan.sweep_id}; vlaunch-ctl logs {plan.sweep_id} {first} --follow"
     )

@@ -161,19 +161,11 @@ def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = No
             f"  job {run.job.num} ({run.job.label}) {state}{note} after {time.monotonic() - run.started:.0f} s"
         )
 
-    def cancelled(job: JobPlan) -> bool:
-        """Whether `vlaunch-ctl cancel` asked for this job (it also stops a running job's processes)."""
-        request = job.run_dir / registry.CANCEL_FILE
-        if not request.exists():
-            return False
-        request.unlink(missing_ok=True)
-        return True
-
     try:
         while pending or running:
             while pending and len(running) < limit:
                 job = pending.pop(0)
-                if cancelled(job):
+                if registry.cancel_requested(job.run_dir, take=True):
                     results[job.num] = JobResult(job.num, job.label, CANCELLED)
                     if on_change is not None:
                         on_change(job.num, CANCELLED, None, None)
@@ -183,7 +175,8 @@ def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = No
             for run in list(running):
                 codes = [p.poll() for p in run.procs]
                 failed = [c for c in codes if c not in (None, 0)]
-                if failed and cancelled(run.job):
+                # vlaunch-ctl cancel stops a running job's processes after asking: not a failure.
+                if failed and registry.cancel_requested(run.job.run_dir, take=True):
                     _stop(run.procs)
                     finish(run, CANCELLED, None)
                     running.remove(run)

@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -414,12 +415,12 @@ class JobCancelled(KeyboardInterrupt):
     """`vlaunch-ctl cancel` asked for this job to stop: it stops as on Ctrl-C, and the sweep goes on."""
 
 
-def _stopped(stop: threading.Event | None, cancel_file: Path | None = None) -> None:
+def _stopped(stop: threading.Event | None, run_dir: Path | None = None) -> None:
     """Stop this job as Ctrl-C would when its parallel sweep is being stopped (`stop`), or when
-    `vlaunch-ctl cancel` asked for it (`cancel_file`, see launcher/registry.py)."""
+    `vlaunch-ctl cancel` asked for it (see launcher/registry.py)."""
     if stop is not None and stop.is_set():
         raise KeyboardInterrupt
-    if cancel_file is not None and cancel_file.exists():
+    if run_dir is not None and registry.cancel_requested(run_dir):
         raise JobCancelled
 
 
@@ -445,7 +446,7 @@ class _Tpu:
         from launcher.tpu.client import TpuClient
 
         self.stop = stop  # set: a parallel sweep is stopping (see _run_parallel)
-        self.cancel_file = job.run_dir / registry.CANCEL_FILE
+        self.run_dir = job.run_dir
         self.resources = resources
         self.name = tpu_name(plan, job, resources)
         self.queued = bool(resources["queued"])
@@ -459,7 +460,7 @@ class _Tpu:
         self.created = False  # by us, in this launch (a reused TPU is never deleted on failure)
 
     def check_stop(self) -> None:
-        _stopped(self.stop, self.cancel_file)
+        _stopped(self.stop, self.run_dir)
 
     @property
     def full_name(self) -> str:
@@ -555,9 +556,16 @@ class _Tpu:
                 raise
 
 
-def teardown_left(plan: SweepPlan, job: JobPlan) -> str:
-    """Delete the TPU (or queued resource) a job left behind: its launcher was killed, or it ran with
-    teardown=keep. A TPU named by backend.tpu_name is the user's and stays. Returns what happened."""
+def teardown_left(plan: SweepPlan) -> Iterator[tuple[JobPlan, str]]:
+    """Delete the TPUs (or queued resources) the plan's jobs left behind: their launcher was killed,
+    or they ran with teardown=keep. A TPU named by backend.tpu_name is the user's and stays. Yields
+    each job with what happened to its TPU."""
+    _check_endpoints(plan.jobs[0].config["backend"], storage=False)
+    for job in plan.jobs:
+        yield job, _teardown_left(plan, job)
+
+
+def _teardown_left(plan: SweepPlan, job: JobPlan) -> str:
     from launcher.tpu.client import TpuError
 
     resources = job.config["backend"]
@@ -585,10 +593,8 @@ def _run_job(
     from launcher.tpu import fanout, staging
 
     resources = job.config["backend"]
-    cancel_file = job.run_dir / registry.CANCEL_FILE
     # A parallel sweep stopped, or vlaunch-ctl cancel asked, before this job's turn.
-    if (stop is not None and stop.is_set()) or cancel_file.exists():
-        cancel_file.unlink(missing_ok=True)
+    if (stop is not None and stop.is_set()) or registry.cancel_requested(job.run_dir, take=True):
         if on_change is not None:
             on_change(job.num, CANCELLED, None, None)
         return JobResult(job.num, job.label, CANCELLED)
@@ -646,7 +652,7 @@ def _run_job(
             on_change(job.num, CANCELLED, None, None)
         if not cancelled:
             raise
-        cancel_file.unlink(missing_ok=True)
+        registry.cancel_requested(job.run_dir, take=True)
         return JobResult(job.num, job.label, CANCELLED)
     except Exception:
         _teardown(tpu, resources, ok=False)
