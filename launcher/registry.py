@@ -277,8 +277,14 @@ class Registry:
     def _open(self) -> sqlite3.Connection:
         try:
             _make_private_dirs(self.path.parent)
-            # Create the file ourselves so that it is 0600 from its first byte (sqlite would use 0644).
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            # Create the file ourselves so that it is 0600 from its first byte (sqlite would use 0644), and
+            # only when it is missing: closing any descriptor of the file drops every POSIX lock this process
+            # holds on it, among them the shared lock an open connection keeps. Without that lock another
+            # process that closes its connection believes it is the last one and deletes the WAL this
+            # process still writes to: its later commits are lost, or corrupt the file.
+            if not self.path.exists():
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             raise RegistryError(f"cannot open the registry {self.path}: {e}") from None

@@ -203,6 +203,28 @@ def test_eight_processes_recording_at_once_lose_nothing(tmp_path):
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_a_second_open_in_one_process_keeps_its_writes_visible_to_other_processes(tmp_path):
+    """`vlaunch-ctl resubmit` holds the registry open and opens it again to record the new sweep. Opening
+    must not drop the lock the first connection holds: without it another process that closes its
+    connection deletes the WAL this process still commits to, and those commits never reach the file."""
+    path = tmp_path / "registry.sqlite"
+    first = Registry(path)
+    record(first, make_plan(tmp_path, "s1", 1))
+    second = Registry(path)
+    record(second, make_plan(tmp_path, "s2", 1))
+    other = "from launcher.registry import Registry; import sys; Registry(sys.argv[1]).sweeps()"
+    subprocess.run([sys.executable, "-c", other, str(path)], cwd=REPO, check=True, timeout=60)
+    first.mark("s1", [0], "COMPLETED")
+    read = (
+        "from launcher.registry import Registry; import sys; print(Registry(sys.argv[1]).jobs('s1')[0].state)"
+    )
+    out = subprocess.run([sys.executable, "-c", read, str(path)], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.strip() == "COMPLETED", out.stdout + out.stderr
+    first.close()
+    second.close()
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 # --------------------------------------------------------------------------------- refresh
 
 
