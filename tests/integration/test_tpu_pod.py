@@ -59,6 +59,21 @@ def pod(tmp_path_factory, fake_gcs_server):
         yield {"fake": fake, "port": port, "env": env, "scratch": scratch}
 
 
+@pytest.fixture(autouse=True)
+def _nothing_left_for_the_next_test(pod):
+    """Delete what a failed test kept: each test asserts that its own launches leave no TPU, and a TPU left
+    by an earlier failure would fail it as well, hiding which test broke."""
+    yield
+    from launcher.tpu.client import TpuClient
+
+    client = TpuClient(PROJECT, ZONE, endpoint=pod["fake"].url, poll_interval_s=0.1)
+    where = f"/v2/projects/{PROJECT}/locations/{ZONE}"
+    for queued in _get(pod["fake"], f"{where}/queuedResources").get("queuedResources", []):
+        client.delete_queued_resource(queued["name"])
+    for node in _get(pod["fake"], f"{where}/nodes").get("nodes", []):
+        client.delete_node(node["name"])
+
+
 def launch(pod, *overrides: str) -> subprocess.Popen:
     bucket = f"gs://vl-test/pod-{uuid.uuid4().hex[:8]}"
     args = [
