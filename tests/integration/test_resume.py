@@ -100,7 +100,7 @@ def fresh_run_dir(reference: Path, tmp_path: Path, **trainer: object) -> Path:
     """The reference job's config.yaml in a new run dir (with `trainer` keys changed)."""
     config = yaml.safe_load((reference / "config.yaml").read_text())
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     config["job"]["run_dir"] = str(run_dir)
     config["trainer"].update(trainer)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -265,3 +265,36 @@ def test_rerun_of_a_finished_job_evaluates_without_training(reference, base_env,
     expected = json.loads((reference / "metrics.json").read_text())
     assert metrics["final_loss"] == expected["final_loss"]
     assert metrics["headline"] == expected["headline"]
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_to_the_same_parameters(
+    reference, base_env, tmp_path, attempts
+):
+    """A latest checkpoint cut short (a copy between filesystems, a full disk) is reported and skipped: the
+    rerun resumes from the checkpoint before it, trains the steps since again, and ends where the reference
+    did. When no checkpoint can be read the job fails in one line and leaves the files alone."""
+    run_dir = fresh_run_dir(reference, tmp_path)
+    shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
+    total = total_steps(reference)
+    damaged = run_dir / "checkpoints" / f"ckpt_{total:08d}.pth"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    (before,) = [p for p in (run_dir / "checkpoints").glob("ckpt_*.pth") if p != damaged]
+    rerun = attempts(run_dir, base_env)
+    assert rerun.wait() == [0] * WORLD_SIZE, rerun.tails()
+    assert f"checkpoint {damaged} cannot be read" in rerun.log(), rerun.tails()
+    step = int(_CKPT.fullmatch(before.name).group(1))
+    assert f"resuming from {before} (step {step})" in rerun.log()
+    assert re.search(rf"epoch \d+ step {total}/{total}", rerun.log())
+    assert digests(run_dir) == digests(reference)
+
+    run_dir = fresh_run_dir(reference, tmp_path / "none")
+    shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
+    for path in (run_dir / "checkpoints").glob("ckpt_*.pth"):
+        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    sizes = {p.name: p.stat().st_size for p in (run_dir / "checkpoints").iterdir()}
+    rerun = attempts(run_dir, base_env)
+    assert rerun.wait() == [1] * WORLD_SIZE, rerun.tails()
+    errors = [line for line in rerun.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "no checkpoint in" in errors[0] and "move them away" in errors[0], errors
+    assert "Traceback" not in rerun.log()
+    assert {p.name: p.stat().st_size for p in (run_dir / "checkpoints").iterdir()} == sizes

@@ -10,6 +10,7 @@ RNG states (python, numpy, torch, CUDA) so a resumed run continues the same rand
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -20,6 +21,11 @@ import numpy as np
 
 LATEST = "latest"
 _NAME = re.compile(r"^ckpt_(\d+)\.pth$")
+log = logging.getLogger("trainers")
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be read."""
 
 
 def _fsync_write(path: Path, write) -> None:
@@ -97,6 +103,29 @@ def latest(directory: str | Path) -> Path | None:
             return directory / name
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def load_latest(directory: str | Path, map_location: str = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that can be read, loaded: the one `latest` names, then the others newest first;
+    None when there is none. One that cannot be read (cut short by a copy, a bad disk: saves themselves are
+    atomic) is reported and the one before it is tried, so a run loses the steps since that one, not all.
+    Raises CheckpointError, naming each file and its error, when checkpoints exist and none can be read:
+    training from the start would overwrite them."""
+    first = latest(directory)
+    if first is None:
+        return None
+    others = [p for p in reversed(list_checkpoints(directory)) if p != first]
+    errors = []
+    for path in [first, *others]:
+        try:
+            return path, load(path, map_location)
+        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on a bad file
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            errors.append(f"{path.name}: {reason}")
+            log.warning("checkpoint %s cannot be read (%s); trying the one before it", path, reason)
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be read ({'; '.join(errors)}); move them away to train from the start"
+    )
 
 
 def find(source: str | os.PathLike) -> Path | None:

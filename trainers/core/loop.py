@@ -185,10 +185,9 @@ class _Trainer:
 
     def run(self, seed: int, stop: StopSignal) -> int:
         cfg, env, device, model = self.cfg, self.env, self.device, self.raw_model
-        resume_from = checkpoint.latest(self.ckpt_dir)
-        state = None
-        if resume_from is not None:  # 1. our own latest checkpoint
-            state = checkpoint.load(resume_from)
+        found = checkpoint.load_latest(self.ckpt_dir)
+        resume_from, state = found if found is not None else (None, None)
+        if resume_from is not None:  # 1. our own latest checkpoint (that can be read)
             model.load_state_dict(state["model"])
             log.info("resuming from %s (step %d)", resume_from, state["global_step"])
         elif cfg.pretrained:  # 2. pretrained weights
@@ -327,6 +326,9 @@ def main(make_recipe: Callable[[dict[str, Any], torch.device], Recipe], program:
         # Missing data, annotation or tokenizer files: the message says what to do; no traceback.
         log.error("%s", e)
         code = 2
+    except checkpoint.CheckpointError as e:
+        log.error("%s", e)
+        code = 1
     finally:
         distributed.teardown()
     sys.exit(code)
