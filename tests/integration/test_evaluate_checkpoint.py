@@ -16,13 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = ["dataset=msrvtt", "dataset.sample_scale=0.1", "trainer.batch_size=8", "trainer.num_workers=0"]
 
 
-def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, VLAUNCH_RUNS=str(tmp_path), VLAUNCH_DATA_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", *SMALL, *args], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
 
@@ -56,3 +56,25 @@ def test_evaluating_a_saved_checkpoint_reproduces_its_metrics(tmp_path, fake_gcs
     assert f"Loaded 140/140 model tensors from {checkpoint}" in log
     downloaded = tmp_path / "more" / "jobs" / "1" / "pretrained" / "ckpt_trained.pth"
     assert downloaded.read_bytes() == checkpoint.read_bytes()
+
+
+@pytest.mark.slow
+def test_pretrained_weights_that_cannot_be_used_fail_the_job_in_one_line(tmp_path):
+    """A file that is not a checkpoint (cut short by a copy), and a checkpoint with nothing the model
+    has (another family's): the job fails with exit code 2 and one line saying which file and why, and
+    trains nothing; before, the second evaluated or trained a model left at its random initialisation."""
+    import torch
+
+    truncated, foreign = tmp_path / "truncated.pth", tmp_path / "foreign.pth"
+    torch.save({"model": {"encoder.weight": torch.zeros(4, 4)}}, foreign)
+    truncated.write_bytes(foreign.read_bytes()[:100])
+    proc = launch(tmp_path, "-m", f"trainer.pretrained={truncated},{foreign}", "sweep_id=bad", ok=False)
+    for num, expected in [
+        (0, f"{truncated} cannot be read as a PyTorch checkpoint ("),
+        (1, f"not one of the 140 tensors of the singularity model is in {foreign} (it holds encoder.weight)"),
+    ]:
+        job = tmp_path / "bad" / "jobs" / str(num)
+        errors = [line for line in (job / "logs" / "rank0.log").read_text().splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and expected in errors[0], errors
+        assert not (job / "checkpoints").exists() and not (job / "metrics.json").exists()
+    assert proc.stdout.count("FAILED (exit 2)") == 2, proc.stdout[-2000:]

@@ -26,7 +26,7 @@ from trainers.alpro.model import Alpro, AlproPrompter, AlproQA
 from trainers.alpro.weights import load_prompter, load_weights
 from trainers.core import loop
 from trainers.core.sampling import ResumableSampler, SeededItems
-from trainers.core.weights import local_source
+from trainers.core.weights import LoadReport, local_source
 from trainers.singularity.train import data_root, tokenizer_for
 
 log = logging.getLogger("trainers.alpro")
@@ -121,8 +121,8 @@ class AlproRecipe:
             "entity prompts built for %d entities (%s, ...)", len(self.entities), ", ".join(self.entities[:5])
         )
 
-    def load_pretrained(self, model: torch.nn.Module, source: str) -> str:
-        return str(load_weights(model, source))
+    def load_pretrained(self, model: torch.nn.Module, source: str) -> LoadReport:
+        return load_weights(model, source)
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         common = dict(num_frames=self.video.num_frames, sample=self.cfg.sample, image_size=self.video.image_size,

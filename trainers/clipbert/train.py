@@ -24,6 +24,7 @@ from trainers.clipbert.model import build_model, sample_itm_negatives
 from trainers.clipbert.weights import load_weights
 from trainers.core import loop
 from trainers.core.sampling import ResumableSampler, SeededItems
+from trainers.core.weights import LoadReport
 from trainers.singularity.train import data_root, tokenizer_for
 
 log = logging.getLogger("trainers.clipbert")
@@ -77,8 +78,8 @@ class ClipBertRecipe:
     def build_model(self) -> torch.nn.Module:
         return build_model(model_config(self.cfg, self.tokenizer, len(self.ans2label)))
 
-    def load_pretrained(self, model: torch.nn.Module, source: str) -> str:
-        return str(load_weights(model, source))
+    def load_pretrained(self, model: torch.nn.Module, source: str) -> LoadReport:
+        return load_weights(model, source)
 
     def train_dataset(self) -> torch.utils.data.Dataset:
         vision = self.cfg.model.vision

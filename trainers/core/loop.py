@@ -42,7 +42,7 @@ from trainers.core.job import (
     write_json_atomic,
 )
 from trainers.core.sampling import ResumableSampler
-from trainers.core.weights import local_source
+from trainers.core.weights import LoadReport, WeightsError, local_source, summarize_keys
 
 log = logging.getLogger("trainers")
 
@@ -57,8 +57,8 @@ class Recipe(Protocol):
 
     def build_model(self) -> torch.nn.Module: ...
 
-    def load_pretrained(self, model: torch.nn.Module, source: str) -> str:
-        """Load weights (upstream layouts included); return the load report as text."""
+    def load_pretrained(self, model: torch.nn.Module, source: str) -> LoadReport:
+        """Load weights (upstream layouts included), log and return what was loaded."""
         ...
 
     def train_data(self, seed: int, env: DistEnv) -> tuple[Any, ResumableSampler]:
@@ -192,7 +192,14 @@ class _Trainer:
             log.info("resuming from %s (step %d)", resume_from, state["global_step"])
         elif cfg.pretrained:  # 2. pretrained weights
             source = local_source(cfg.pretrained, self.run_dir / "pretrained")
-            self.recipe.load_pretrained(model, source)  # each family's loader logs its report
+            report = self.recipe.load_pretrained(model, source)  # each family's loader logs it
+            if report.total and report.loaded == 0:
+                raise WeightsError(
+                    f"trainer.pretrained={cfg.pretrained}: not one of the {report.total} tensors of the "
+                    f"{self.recipe.name.split()[0]} model is in {source}"
+                    + (f" (it holds {summarize_keys(report.unexpected)})" if report.unexpected else "")
+                    + ": a checkpoint of another family or model? Nothing was trained"
+                )
         # 3. otherwise: the initialisation the recipe made from `seed`
         if cfg.epochs == 0:  # evaluation only, e.g. of a released fine-tuned checkpoint
             if not cfg.pretrained and resume_from is None:
@@ -324,6 +331,9 @@ def main(make_recipe: Callable[[dict[str, Any], torch.device], Recipe], program:
         code = train(argv[0], make_recipe)
     except FileNotFoundError as e:
         # Missing data, annotation or tokenizer files: the message says what to do; no traceback.
+        log.error("%s", e)
+        code = 2
+    except WeightsError as e:  # trainer.pretrained= names a file it cannot use
         log.error("%s", e)
         code = 2
     except checkpoint.CheckpointError as e:

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be used: unreadable, not a state dict, or nothing in it fits the model."""
+
+
 @dataclass
 class LoadReport:
     """What `load_weights` did. `ok` when every model tensor was loaded and every checkpoint tensor used."""
@@ -37,7 +41,7 @@ class LoadReport:
         for name in ("missing", "unexpected", "mismatched"):
             keys = getattr(self, name)
             if keys:
-                parts.append(f"{name} ({len(keys)}): {_summarize(keys)}")
+                parts.append(f"{name} ({len(keys)}): {summarize_keys(keys)}")
         if self.ignored:
             parts.append(f"ignored {len(self.ignored)} benign buffers")
         if self.hints:
@@ -45,7 +49,7 @@ class LoadReport:
         return "; ".join(parts).rstrip(".") + "."
 
 
-def _summarize(keys: list[str], limit: int = 8) -> str:
+def summarize_keys(keys: list[str], limit: int = 8) -> str:
     """Group keys by their first two components so a missing module reads as one line."""
     groups: dict[str, int] = {}
     for key in keys:
@@ -96,30 +100,36 @@ def read_state_dict(source: Any, drop_non_tensors: bool = False) -> tuple[dict[s
     else:
         name = os.fspath(source)
         if os.path.isdir(name):
-            raise ValueError(
+            raise WeightsError(
                 f"{name} is a directory without checkpoints; give a checkpoint file, or a run directory "
                 "(or its checkpoints/ directory): its latest checkpoint is loaded"
             )
         try:
-            obj = torch.load(name, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            _log.warning(
-                "%s holds non-tensor objects; unpickling it in full (load only files you trust)", name
-            )
-            obj = torch.load(name, map_location="cpu", weights_only=False)
+            try:
+                obj = torch.load(name, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                _log.warning(
+                    "%s holds non-tensor objects; unpickling it in full (load only files you trust)", name
+                )
+                obj = torch.load(name, map_location="cpu", weights_only=False)
+        except (OSError, WeightsError):
+            raise
+        except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, UnpicklingError, ...
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise WeightsError(f"{name} cannot be read as a PyTorch checkpoint ({reason})") from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, not a state dict")
+        raise WeightsError(f"{name} holds a {type(obj).__name__}, not a state dict")
     if isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if drop_non_tensors:
         if not tensors:
-            raise ValueError(
+            raise WeightsError(
                 f"{name} holds no tensors; expected a state dict or a dict with a 'model' state dict"
             )
     elif len(tensors) != len(obj):
         not_tensors = sorted(k for k in obj if k not in tensors)
-        raise ValueError(
+        raise WeightsError(
             f"{name} is neither a state dict nor a dict with a 'model' state dict; "
             f"non-tensor entries: {not_tensors[:10]}"
         )

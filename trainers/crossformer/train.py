@@ -23,6 +23,7 @@ import torch
 from trainers.core import loop
 from trainers.core.sampling import ResumableSampler, SeededItems
 from trainers.core.text import VOCAB_FILE, build_tokenizer
+from trainers.core.weights import LoadReport
 from trainers.crossformer import data as cdata
 from trainers.crossformer.config import CrossformerConfig, TrainConfig, resolve
 from trainers.crossformer.evaluation import evaluate_matching
@@ -78,8 +79,8 @@ class CrossformerRecipe:
     def build_model(self) -> torch.nn.Module:
         return Crossformer(self.model_cfg)
 
-    def load_pretrained(self, model: torch.nn.Module, source: str) -> str:
-        return str(load_weights(model, source))
+    def load_pretrained(self, model: torch.nn.Module, source: str) -> LoadReport:
+        return load_weights(model, source)
 
     def clips(self, split: str, train: bool) -> cdata.ClipDataset:
         limit = self.dataset.get("max_train_samples" if train else "max_eval_samples")

@@ -16,6 +16,7 @@ from trainers.core import loop
 from trainers.core.sample_data import SAMPLE_DATASETS, ensure_sample_data
 from trainers.core.sampling import ResumableSampler, SeededItems
 from trainers.core.text import build_tokenizer
+from trainers.core.weights import LoadReport
 from trainers.singularity import data as sdata
 from trainers.singularity.config import TrainConfig, resolve
 from trainers.singularity.evaluation import evaluate_qa, evaluate_retrieval
@@ -179,8 +180,8 @@ class SingularityRecipe:
         model_cls = SingularityQA if self.qa else Singularity
         return model_cls(model_config(self.cfg, self.tokenizer))
 
-    def load_pretrained(self, model: torch.nn.Module, source: str) -> str:
-        return str(load_weights(model, source))
+    def load_pretrained(self, model: torch.nn.Module, source: str) -> LoadReport:
+        return load_weights(model, source)
 
     def train_data(self, seed: int, env) -> tuple:
         return build_train_data(self.cfg, self.dataset, self.root, self.tokenizer, seed, env)
