@@ -12,6 +12,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,32 @@ class _Running:
     procs: list[subprocess.Popen]
     started: float
     logs: list = field(default_factory=list)
+    exited: dict[int, float] = field(default_factory=dict)  # rank -> when its process ended
+    watchers: list[threading.Thread] = field(default_factory=list)
+
+    def watch(self) -> None:
+        """Note when each rank's process ends: when one rank fails, the others fail soon after (a
+        collective's peer is gone), and only the first one's log says what went wrong."""
+
+        def note(rank: int, proc: subprocess.Popen) -> None:
+            proc.wait()
+            self.exited[rank] = time.monotonic()
+
+        for rank, proc in enumerate(self.procs):
+            thread = threading.Thread(target=note, args=(rank, proc), daemon=True)
+            thread.start()
+            self.watchers.append(thread)
+
+    def first_failure(self) -> tuple[int, int] | None:
+        """(rank, exit code) of the rank that failed first; None if none did."""
+        for thread in self.watchers:
+            thread.join(timeout=5)
+        failed = [
+            (self.exited.get(rank, float("inf")), rank, proc.returncode)
+            for rank, proc in enumerate(self.procs)
+            if proc.returncode not in (None, 0)
+        ]
+        return min(failed)[1:] if failed else None
 
 
 # on_change(job num, state, pids of its processes or None, exit code or None): as jobs start and end.
@@ -138,12 +165,18 @@ def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = No
         print(f"  job {job.num} ({job.label}) started: log {log_path(job, 0)}", flush=True)
         if on_change is not None:
             on_change(job.num, "RUNNING", [p.pid for p in procs], None)
-        return _Running(job, procs, time.monotonic(), logs)
+        run = _Running(job, procs, time.monotonic(), logs)
+        run.watch()
+        return run
 
     def finish(run: _Running, state: str, code: int | None) -> None:
         for log in run.logs:
             log.close()
         path = log_path(run.job, 0)
+        if state == FAILED:
+            # The rank that failed first: its exit code and its log (rank 0 when unclear).
+            rank, code = run.first_failure() or (0, code)
+            path = log_path(run.job, rank)
         results[run.job.num] = JobResult(
             num=run.job.num,
             label=run.job.label,
@@ -151,7 +184,7 @@ def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = No
             exit_code=code,
             log_path=path,
             metrics=read_metrics(run.job.run_dir),
-            log_tail="" if state == COMPLETED else tail(_failed_log(run)),
+            log_tail="" if state == COMPLETED else tail(path),
         )
         if on_change is not None:
             on_change(run.job.num, state, None, code)
@@ -207,14 +240,6 @@ def submit(plan: SweepPlan, poll_s: float = 1.0, on_change: OnChange | None = No
         raise
     progress.done()
     return [results[j.num] for j in plan.jobs]
-
-
-def _failed_log(run: _Running) -> Path:
-    """The log of the first rank that exited non-zero (rank 0 when unclear)."""
-    for rank, proc in enumerate(run.procs):
-        if proc.returncode not in (None, 0, -signal.SIGTERM, -signal.SIGKILL):
-            return log_path(run.job, rank)
-    return log_path(run.job, 0)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:

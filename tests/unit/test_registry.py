@@ -499,6 +499,36 @@ def test_ctl_logs_follow_and_cancel_of_local_jobs(tmp_path, monkeypatch, capsys)
     assert "line 0" in capsys.readouterr().out
 
 
+TWO_RANKS = textwrap.dedent(
+    """
+    import os, sys, time
+    if os.environ["RANK"] == "1":
+        print("rank 1: the real cause", flush=True)
+        os.kill(os.getpid(), 9) if sys.argv[1] == "killed" else sys.exit(3)
+    time.sleep(0.5)  # rank 0 notices its peer is gone, as gloo does, and fails too
+    print("rank 0: Connection closed by peer", flush=True)
+    sys.exit(1)
+    """
+)
+
+
+@pytest.mark.parametrize(("how", "code"), [("exit", 3), ("killed", -9)])
+def test_a_failed_local_ddp_job_reports_the_rank_that_failed_first(tmp_path, how, code):
+    """When one rank dies, the others fail after it in a collective. The report must show the first
+    one's exit code and log, not rank 0's "peer closed" (a rank killed outright, e.g. by the OOM
+    killer, included)."""
+    from launcher.backends import local
+
+    script = tmp_path / "ranks.py"
+    script.write_text(TWO_RANKS)
+    plan = make_plan(tmp_path, "ddp", 1, backend="local", commands=[[sys.executable, str(script), how]])
+    plan.resource_groups[0][0]["tasks_per_node"] = 2
+    (result,) = local.submit(plan, poll_s=2.0)
+    assert (result.state, result.exit_code) == ("FAILED", code)
+    assert result.log_path == plan.jobs[0].run_dir / "logs" / "rank1.log"
+    assert "rank 1: the real cause" in result.log_tail and "peer" not in result.log_tail
+
+
 def test_ctrl_c_on_a_local_sweep_stops_its_jobs_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
