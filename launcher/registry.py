@@ -288,6 +288,29 @@ class Registry:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             raise RegistryError(f"cannot open the registry {self.path}: {e}") from None
+        try:
+            version = self._prepare(conn)
+        except sqlite3.DatabaseError as e:  # not an SQLite file, a damaged one, locked for too long
+            conn.close()
+            if "locked" in str(e) or "busy" in str(e):
+                raise RegistryError(
+                    f"the registry {self.path} stayed locked for {self.busy_timeout_s:.0f} s: another vlaunch "
+                    "process holds it; try again"
+                ) from None
+            raise RegistryError(
+                f"cannot use the registry {self.path}: {e}; name another file with registry= or "
+                "$VLAUNCH_REGISTRY (or move this one away to start an empty registry)"
+            ) from None
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise RegistryError(
+                f"the registry {self.path} has schema version {version}; this vlaunch knows up to "
+                f"{SCHEMA_VERSION}: upgrade vlaunch"
+            )
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> int:
+        """WAL mode, and the schema when the file is new; the file's schema version."""
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
         _retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"), self.busy_timeout_s)
@@ -299,12 +322,8 @@ class Registry:
                     for statement in filter(str.strip, _SCHEMA.split(";")):
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version > SCHEMA_VERSION:
-            raise RegistryError(
-                f"the registry {self.path} has schema version {version}; this vlaunch knows up to "
-                f"{SCHEMA_VERSION}: upgrade vlaunch"
-            )
-        return conn
+            version = SCHEMA_VERSION
+        return version
 
     def close(self) -> None:
         if self._conn is not None:

@@ -312,10 +312,26 @@ def run_plan(
         remove_hydra_leftovers(plan.sweep_dir)
         EXIT_STATUS = 0
         return EXIT_STATUS
+    if (plan.sweep_dir / "sweep.json").exists():  # its configs and manifest must not be overwritten
+        raise LaunchError(
+            f"{plan.sweep_dir} already holds a sweep: give another sweep_id= (or runs_root=); nothing was "
+            "submitted"
+        )
     snapshot.attach(plan)  # jobs run the code submitted now, also when requeued after an edit
-    write_run_dirs(plan)
-    reg = record_sweep(plan, registry_path(plan, registry_file))
+    # The registry first: it refuses a sweep id it holds already, and one it cannot use, before a
+    # run dir is written.
+    try:
+        reg = record_sweep(plan, registry_path(plan, registry_file))
+    except LaunchError:
+        remove_hydra_leftovers(plan.sweep_dir)
+        raise
     nums = [j.num for j in plan.jobs]
+    try:
+        write_run_dirs(plan)
+    except OSError as e:
+        error = f"cannot write the run dirs under {plan.sweep_dir}: {e}; nothing was submitted"
+        reg.mark(plan.sweep_id, nums, registry.FAILED_TO_SUBMIT, error=error)
+        raise LaunchError(error) from None
     if plan.backend == "local" or plan.backend.startswith("tpu_"):
         reg.mark(plan.sweep_id, nums, registry.PENDING)
         EXIT_STATUS = run_detached(plan, reg) if detach else run_here(plan, reg, poll_s=poll_s)

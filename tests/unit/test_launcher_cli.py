@@ -353,3 +353,41 @@ def test_submitting_side_never_imports_the_training_stacks(tmp_path):
     env = dict(os.environ, VLAUNCH_RUNS=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert "HEAVY: []" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_refused_launch_writes_nothing_over_an_earlier_sweep(tmp_path, monkeypatch):
+    """A sweep id used before (in these runs, or in the registry) and a registry file that is not one are
+    refused in one line before a run dir is written; before, the refused launch had already rewritten
+    the earlier sweep's sweep.json and job configs with its own."""
+    reg, runs = tmp_path / "registry.sqlite", tmp_path / "runs"
+    old = runs / "dup"
+    (old / "jobs" / "0").mkdir(parents=True)
+    files = {old / "sweep.json": '{"sweep_id": "dup"}', old / "jobs" / "0" / "config.yaml": "seed: 1\n"}
+    for path, text in files.items():
+        path.write_text(text)
+    for args in (["sweep_id=dup"], ["-m", "dataset=didemo,msrvtt", "sweep_id=dup"]):
+        proc = launcher(*args, f"registry={reg}", runs=runs)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {old} already holds a sweep"), (
+            proc.stderr
+        )
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert {path: path.read_text() for path in files} == files
+
+    # Recorded in the registry (Slurm refused it), then the same id under other runs: refused, no dir.
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+    proc = launcher("backend=slurm", "sweep_id=taken", f"registry={reg}", runs=runs)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
+    other = tmp_path / "other-runs"
+    proc = launcher("sweep_id=taken", f"registry={reg}", runs=other)
+    assert proc.returncode == 2 and "sweep taken is already in the registry" in proc.stderr, proc.stderr
+    assert not (other / "taken").exists()
+
+    # A registry file that is not one: one line that says what to do, the file untouched, no sweep dir.
+    bad = tmp_path / "not-a-registry"
+    bad.write_text("notes\n")
+    proc = launcher(f"registry={bad}", runs=other)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(
+        f"error: cannot use the registry {bad}: file is not a database; name another"
+    )
+    assert bad.read_text() == "notes\n" and [p.name for p in other.iterdir()] == [".code"]
