@@ -226,14 +226,14 @@ def test_sweep_larger_than_max_array_size_is_split_and_every_job_queued_once(lau
 
 
 def test_failing_job_is_failed_with_its_exit_code_and_not_requeued(launch):
-    # An unreadable pretrained checkpoint: the trainer fails right after starting.
+    # An unreadable pretrained checkpoint: the trainer fails right after starting, exit code 2 (bad input).
     job = launch(*SMALL, "trainer.epochs=1", "trainer.pretrained=/dev/null")
-    assert job.wait_end(timeout=120) == ("FAILED", "1:0"), job.details()
-    assert attempts(job.job_id) == [("FAILED", "1:0")], job.details()  # one attempt: never requeued
+    assert job.wait_end(timeout=120) == ("FAILED", "2:0"), job.details()
+    assert attempts(job.job_id) == [("FAILED", "2:0")], job.details()  # one attempt: never requeued
     events = job.events()
     assert [(e["event"], e["attempt"], e["exit_code"]) for e in events] == [
         ("start", 0, None),
-        ("exit", 0, 1),
+        ("exit", 0, 2),
     ]
     assert "requeue" not in job.log_text().lower(), job.details()
 
