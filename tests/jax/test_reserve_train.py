@@ -70,7 +70,16 @@ def env_for(cache: Path, extra: dict | None = None) -> dict[str, str]:
 class Pod:
     """N trainer processes joined through an explicit coordinator, like the hosts of a TPU pod."""
 
-    def __init__(self, config: Path, cache: Path, gcs_env: dict, n: int = 2, tag: str = "run") -> None:
+    def __init__(
+        self,
+        config: Path,
+        cache: Path,
+        gcs_env: dict,
+        n: int = 2,
+        tag: str = "run",
+        programs: dict | None = None,
+    ) -> None:
+        """`programs`: {process index: python -c program} run instead of `-m trainers.reserve` there."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -84,9 +93,10 @@ class Pod:
                 "VL_JAX_CPU_DEVICES": "2",
             }
             with open(self.logs[i], "wb") as log:
+                program = ["-c", programs[i]] if programs and i in programs else ["-m", "trainers.reserve"]
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "trainers.reserve", str(config)],
+                        [sys.executable, *program, str(config)],
                         cwd=ROOT, env=env_for(cache, extra), stdout=log, stderr=subprocess.STDOUT,
                     )
                 )  # fmt: skip
@@ -171,3 +181,34 @@ def test_two_processes_survive_sigterm_on_gcs_and_match_an_uninterrupted_run(cac
     # Process 0 also published the outputs under output_url.
     assert storage.exists(f"{output}/metrics.json")
     assert storage.read_text(f"{output}/status/params.rank0.sha256").strip() == expected[0]
+
+
+# Process 0 as a host whose save fails (the bucket refused it) at step 8, while process 1 goes into the
+# same save and waits there for process 0.
+FAILING_SAVE = """
+from trainers.reserve import checkpoint, train
+save = checkpoint.Checkpointer.save
+def failing(self, step, state, meta):
+    if step >= 8:
+        raise RuntimeError("the bucket refused the save (simulated)")
+    return save(self, step, state, meta)
+checkpoint.Checkpointer.save = failing
+train.main()
+"""
+
+
+def test_a_host_that_fails_mid_run_ends_the_job_without_waiting_for_the_others(cache, tmp_path, fake_gcs):
+    """Before, the failed host sat in jax.distributed's shutdown barrier (also run at exit) for 5 minutes
+    while the other waited for it in a collective, so the launcher saw no exit code for that long."""
+    trainer = {"epochs": 1, "log_every": 1, "save_every": 4, "eval_split": "none"}
+    config = write_config(tmp_path / "run", trainer, f"gs://vl-test/{uuid.uuid4().hex[:8]}/jobs/0")
+    pod = Pod(config, cache, fake_gcs.env(), programs={0: FAILING_SAVE})
+    try:
+        pod.wait_for(0, r"step 8/10 ")
+        failed_at = time.monotonic()
+        assert pod.procs[0].wait(timeout=60) == 1, pod.log(0)[-3000:]
+        assert "the trainer failed" in pod.log(0) and "the bucket refused the save" in pod.log(0)
+        pod.procs[1].wait(timeout=120)  # the other host notices the coordinator is gone and ends too
+        assert time.monotonic() - failed_at < 150, (pod.log(0)[-2000:], pod.log(1)[-2000:])
+    finally:
+        pod.kill()

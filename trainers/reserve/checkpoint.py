@@ -36,12 +36,19 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The newest committed step (None when there is none)."""
-        self.manager.reload()
+        self._reload()
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        self.manager.reload()
+        self._reload()
         return list(self.manager.all_steps())
+
+    def _reload(self) -> None:
+        # The steps as the directory has them, once no save is in flight: a save's background thread
+        # deletes the steps past `keep` after it commits, and a reload while it does read a step being
+        # deleted back in, which the next save then deleted again and failed on (FileNotFoundError).
+        self.manager.wait_until_finished()
+        self.manager.reload()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start saving `state` (a pytree of global jax.Arrays) at `step`; returns before the upload ends."""

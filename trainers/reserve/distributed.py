@@ -124,3 +124,13 @@ def teardown() -> None:
 
     if jax.process_count() > 1:
         jax.distributed.shutdown()
+
+
+def process_count() -> int:
+    """The job's number of JAX processes (1 when set-up never got that far)."""
+    import jax
+
+    try:
+        return jax.process_count()
+    except Exception:  # noqa: BLE001 - no backend: nothing to leave
+        return 1

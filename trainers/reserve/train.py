@@ -398,6 +398,17 @@ def main() -> None:
         # Missing or malformed data, a config that does not fit the records: the message says what to do.
         log.error("%s", e)
         code = 2
+    except Exception:
+        log.exception("the trainer failed")
+        code = 1
+    if code not in (0, REQUEUE_EXIT_CODE) and distributed.process_count() > 1:
+        # Leave at once. The other hosts may be waiting for this one in a collective, and a shutdown
+        # (also JAX's at exit) would wait for them at its barrier for minutes; once this process is
+        # gone, they fail too and the launcher stops the job.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     try:
         distributed.teardown()
     except Exception as e:  # noqa: BLE001 - the exit status is what matters now
