@@ -161,6 +161,8 @@ def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
 
 def cmd_history(reg: Registry, args: argparse.Namespace) -> int:
     sweep = reg.resolve(args.sweep)
+    if args.job is not None:
+        reg.jobs(sweep.id, [args.job])  # a job the sweep does not have: one line, as `logs` and `cancel`
     rows = [
         [
             _when(e.time),

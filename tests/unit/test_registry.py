@@ -169,6 +169,10 @@ def test_resolve_by_prefix_latest_and_one_line_errors(reg, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: no sweep 'nosuch'"), proc.stderr
     assert "20250102-000000-bccc" in proc.stderr
+    for command in ("history", "logs", "cancel"):  # a job the sweep does not have
+        proc = run_ctl(command, "latest", "3", registry_path=reg.path)
+        assert proc.returncode == 2 and proc.stdout == "", (command, proc.stdout)
+        assert proc.stderr == "error: sweep 20250102-000000-bccc has no job 3; its jobs are 0-0\n", command
 
 
 def _writer(path: str, worker: int, sweeps: int, jobs: int, root: str) -> None:
