@@ -36,12 +36,15 @@ slurm-down:
 	infra/local_slurm.sh down
 
 # JAX's threads and the data loaders' fork() do not mix in one process: tests/jax runs apart.
+# TEST_WORKERS pytest-xdist workers share the other tests (tests/conftest.py keeps the ones that
+# share the Slurm cluster or the fake TPU VMs on one worker); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install sshd slurm-up
-	$(PYTHON) -m pytest -q -ra --durations=15 --ignore=tests/jax
+	$(PYTHON) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --ignore=tests/jax
 	$(PYTHON) -m pytest -q -ra --durations=5 tests/jax
 
 test-unit: install
-	$(PYTHON) -m pytest -q -ra -m "not slurm" --ignore=tests/jax
+	$(PYTHON) -m pytest -q -ra -n $(TEST_WORKERS) -m "not slurm" --ignore=tests/jax
 
 lint: install
 	$(VENV)/bin/ruff check .
