@@ -4,6 +4,8 @@ and sampling that a resumed run repeats exactly."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import torch
 from trainers.core import checkpoint, distributed
 from trainers.core.distributed import DistEnv, expand_hostlist, from_environ, tasks_per_node
 from trainers.core.sampling import ResumableSampler, SeededItems
+
+REPO = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- distributed environment
 
@@ -211,7 +215,9 @@ def test_a_save_that_fails_mid_write_leaves_the_previous_latest_intact(tmp_path,
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", save_half_then_die)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="No space left.*ckpt_00000003.pth is still the latest"
+    ):
         checkpoint.save(tmp_path, 6, state_at(6))
     monkeypatch.setattr(torch, "save", real_save)
 
@@ -220,6 +226,32 @@ def test_a_save_that_fails_mid_write_leaves_the_previous_latest_intact(tmp_path,
     assert checkpoint.load(latest)["global_step"] == 3
     assert names(tmp_path) == ["ckpt_00000003.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000003.pth", "latest"]  # no debris
+
+
+def test_a_checkpoint_the_filesystem_refuses_fails_in_one_line_that_says_why(tmp_path):
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG, as on a full disk with ENOSPC.
+    # torch.save alone reports either as "unexpected pos 704 vs 598", which says nothing.
+    script = f"""
+import resource, signal, torch
+from trainers.core import checkpoint
+checkpoint.save({str(tmp_path)!r}, 3, {{"w": torch.zeros(10)}})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the signal killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    checkpoint.save({str(tmp_path)!r}, 6, {{"w": torch.zeros(1_000_000)}})
+except checkpoint.CheckpointError as e:
+    print(e)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(
+        f"cannot write checkpoint {tmp_path / 'ckpt_00000006.pth'}: File too large, "
+    ), out
+    assert "ckpt_00000003.pth is still the latest" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000003.pth", "latest"]  # no debris
+    assert checkpoint.load_latest(tmp_path)[0].name == "ckpt_00000003.pth"
 
 
 def test_pruning_never_removes_the_checkpoint_just_saved(tmp_path):

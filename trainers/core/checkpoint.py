@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,39 @@ log = logging.getLogger("trainers")
 
 
 class CheckpointError(RuntimeError):
-    """Checkpoints exist but none of them can be read."""
+    """Checkpoints exist but none of them can be read, or a checkpoint cannot be written."""
+
+
+class _FirstWriteError:
+    """A binary file that remembers the first OSError of its `write`: torch.save turns one into an
+    unrelated RuntimeError ("unexpected pos 704 vs 598"), which would hide a full disk."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def _fsync_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recorder = _FirstWriteError(f)
+            try:
+                write(recorder)
+            except Exception as e:
+                if recorder.error is None or recorder.error is e:
+                    raise
+                raise recorder.error from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,10 +98,25 @@ def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2)
     import torch
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt_{step:08d}.pth"
-    _fsync_write(path, lambda f: torch.save(state, f))
-    _fsync_write(directory / LATEST, lambda f: f.write(path.name.encode()))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _fsync_write(path, lambda f: torch.save(state, f))
+        _fsync_write(directory / LATEST, lambda f: f.write(path.name.encode()))
+    except OSError as e:  # a full disk, a quota, a file size limit, a read-only filesystem
+        try:
+            free = f", {shutil.disk_usage(directory).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        kept = latest(directory)
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {e.strerror or e}{free}; "
+            + (
+                f"{kept.name} is still the latest: make room and resubmit the job to resume from it"
+                if kept
+                else "make room and resubmit the job (it starts over: no checkpoint was saved before this one)"
+            )
+        ) from e
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             if old != path:  # never the one `latest` now names, even if a higher step lies around
