@@ -54,11 +54,15 @@ def model_config(cfg: TrainConfig, tokenizer, num_labels: int = 0, num_entities:
 class AlproRecipe:
     """ALPRO for trainers.core.loop: retrieval (VTC + VTM [+ MLM]) or QA (classification)."""
 
+    family = "alpro"
+
     def __init__(self, job: dict[str, Any], device: torch.device) -> None:
         self.dataset = job["dataset"]
         self.run_dir = Path(job.get("job", {}).get("run_dir", "."))  # tests build recipes without one
         self.cfg = resolve(job["trainer"], self.dataset)
-        self.name = f"alpro {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        self.name = (
+            f"{self.family} {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        )
         self.root = data_root(self.dataset)
         self.media = self.root / self.dataset["media_dir"]
         self.tokenizer = tokenizer_for(self.dataset, self.root)

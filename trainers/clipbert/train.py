@@ -45,10 +45,14 @@ def model_config(cfg: TrainConfig, tokenizer, num_answers: int = 0) -> ClipBertC
 class ClipBertRecipe:
     """ClipBERT for trainers.core.loop: retrieval (ITM with sampled negatives) or QA (classification)."""
 
+    family = "clipbert"
+
     def __init__(self, job: dict[str, Any], device: torch.device) -> None:
         self.dataset = job["dataset"]
         self.cfg = resolve(job["trainer"], self.dataset)
-        self.name = f"clipbert {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        self.name = (
+            f"{self.family} {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        )
         self.root = data_root(self.dataset)
         self.source = cdata.VideoSource(self.root / self.dataset["media_dir"], self.lmdb_path())
         self.tokenizer = tokenizer_for(self.dataset, self.root)

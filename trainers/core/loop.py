@@ -53,6 +53,7 @@ class Recipe(Protocol):
     checkpoint_every, keep_checkpoints, torch_threads."""
 
     cfg: Any
+    family: str  # "singularity", "clipbert", ...: the trainer= choice
     name: str  # for log lines, e.g. "singularity retrieval on msrvtt"
 
     def build_model(self) -> torch.nn.Module: ...
@@ -196,7 +197,7 @@ class _Trainer:
             if report.total and report.loaded == 0:
                 raise WeightsError(
                     f"trainer.pretrained={cfg.pretrained}: not one of the {report.total} tensors of the "
-                    f"{self.recipe.name.split()[0]} model is in {source}"
+                    f"{self.recipe.family} model is in {source}"
                     + (f" (it holds {summarize_keys(report.unexpected)})" if report.unexpected else "")
                     + ": a checkpoint of another family or model? Nothing was trained"
                 )

@@ -112,7 +112,7 @@ def read_state_dict(source: Any, drop_non_tensors: bool = False) -> tuple[dict[s
                     "%s holds non-tensor objects; unpickling it in full (load only files you trust)", name
                 )
                 obj = torch.load(name, map_location="cpu", weights_only=False)
-        except (OSError, WeightsError):
+        except FileNotFoundError:  # main() reports a missing file as bad input, with its own message
             raise
         except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, UnpicklingError, ...
             reason = " ".join(str(e).split())[:200] or type(e).__name__

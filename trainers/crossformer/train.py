@@ -64,10 +64,14 @@ def model_config(cfg: TrainConfig, tokenizer, exact_vocab: bool) -> CrossformerC
 class CrossformerRecipe:
     """The crossformer for trainers.core.loop: five pretraining objectives, matching evaluation."""
 
+    family = "crossformer"
+
     def __init__(self, job: dict[str, Any], device: torch.device) -> None:
         self.dataset = job["dataset"]
         self.cfg = resolve(job["trainer"], self.dataset)
-        self.name = f"crossformer {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        self.name = (
+            f"{self.family} {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        )
         self.root = data_root(self.dataset)
         self.roots = {k: self.root / self.dataset[f"{k}_root"] for k in cdata.COLUMNS}
         self.tokenizer, exact_vocab = tokenizer_for(self.dataset, self.root, self.cfg)

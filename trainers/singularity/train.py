@@ -168,10 +168,14 @@ def evaluate(model, cfg: TrainConfig, dataset: dict, root: Path, tokenizer, devi
 class SingularityRecipe:
     """Singularity for trainers.core.loop: retrieval (ITC + ITM [+ MLM]) or QA (answer decoder)."""
 
+    family = "singularity"
+
     def __init__(self, job: dict[str, Any], device: torch.device) -> None:
         self.dataset = job["dataset"]
         self.cfg = resolve(job["trainer"], self.dataset)
-        self.name = f"singularity {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        self.name = (
+            f"{self.family} {self.dataset['task']} on {self.dataset['name']}: preset {self.cfg.preset}"
+        )
         self.root = data_root(self.dataset)
         self.tokenizer = tokenizer_for(self.dataset, self.root)
         self.qa = self.dataset["task"] == "qa"
