@@ -783,15 +783,9 @@ def slurm_state(
 
 def squeue_states(array_ids: list[str]) -> dict[str, tuple[str, int | None]]:
     """{job id: (state, None)} of the queued jobs of some arrays (array tasks one by one)."""
-    try:
-        proc = subprocess.run(
-            ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(array_ids)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    rows = (line.partition("|") for line in proc.stdout.splitlines())
-    return {job_id: (state, None) for job_id, _, state in rows if state}
+    from launcher.backends.slurm import squeue_states
+
+    return squeue_states(array_ids)
 
 
 QueryStates = Callable[[list[str]], dict[str, tuple[str, int | None]]]

@@ -306,8 +306,16 @@ def _expand(job_id: str) -> list[str]:
     return out
 
 
+# A job can come back from these: Slurm requeues a job whose node failed (JobRequeue=1, the default),
+# one that failed to launch, and one whose exit code the cluster's RequeueExit lists. Until the next
+# attempt is recorded, sacct shows the attempt that ended; the queue already holds the job again.
+_MAY_COME_BACK = {"NODE_FAIL", "BOOT_FAIL", FAILED}
+_LEAVING = {"COMPLETING", COMPLETED, *TERMINAL}
+
+
 def query_states(array_ids: list[str]) -> dict[str, tuple[str, int | None]]:
-    """State and exit code of every job of the given arrays: one sacct call, squeue as a fallback."""
+    """State and exit code of every job of the given arrays: one sacct call, squeue as a fallback
+    (and for the jobs sacct says ended in a way Slurm may requeue them from)."""
     states: dict[str, tuple[str, int | None]] = {}
     if not array_ids:
         return states
@@ -316,24 +324,35 @@ def query_states(array_ids: list[str]) -> dict[str, tuple[str, int | None]]:
         capture_output=True,
         text=True,
     )
-    if proc.returncode == 0:
-        for line in proc.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) < 3:
-                continue
-            job_id, state, exit_code = parts[0], parts[1].split()[0], parts[2]
-            code = int(exit_code.split(":")[0]) if exit_code and exit_code[0].isdigit() else None
-            for jid in _expand(job_id):
-                states[jid] = (state, code)
-        return states
-    # Accounting disabled or unreachable: squeue knows jobs until they leave the queue.
-    proc = subprocess.run(
-        ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(array_ids)], capture_output=True, text=True
-    )
+    if proc.returncode != 0:  # accounting disabled or unreachable: squeue knows jobs until they leave
+        return squeue_states(array_ids)
     for line in proc.stdout.splitlines():
-        job_id, _, state = line.partition("|")
-        states[job_id] = (state, None)
+        parts = line.split("|")
+        if len(parts) < 3:
+            continue
+        job_id, state, exit_code = parts[0], parts[1].split()[0], parts[2]
+        code = int(exit_code.split(":")[0]) if exit_code and exit_code[0].isdigit() else None
+        for jid in _expand(job_id):
+            states[jid] = (state, code)
+    ended = [jid for jid, (state, _) in states.items() if state in _MAY_COME_BACK]
+    if ended:
+        for jid, queued in squeue_states(ended).items():
+            if queued[0] not in _LEAVING:  # requeued: pending or running again
+                states[jid] = queued
     return states
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, int | None]]:
+    """{job id: (state, None)} of those of the jobs (or arrays, task by task) still in the queue."""
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(job_ids)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    rows = (line.partition("|") for line in proc.stdout.splitlines())
+    return {job_id: (state, None) for job_id, _, state in rows if state}
 
 
 def collect(plan_dir: Path, labels: list[str], job_ids: list[str], run_dirs: list[Path]) -> list[JobResult]:

@@ -354,3 +354,34 @@ def test_time_limit_warning_checkpoints_requeues_and_completes(interrupted_runs)
     stopped = re.search(r"stopped at step (\d+) by a signal", log)
     assert stopped and f"(step {stopped.group(1)})" in log, job.details()
     assert (job.run_dir / "metrics.json").exists()
+
+
+def test_a_job_whose_node_fails_is_requeued_and_reported_completed_not_node_fail(launch):
+    """Slurm requeues a job whose node goes down (JobRequeue=1). Until it records the next attempt,
+    sacct says NODE_FAIL of the job; the launcher (`--wait`, `vlaunch-ctl status`) must not take that
+    for the job's end, or it stops waiting and shows a finished job as failed for good."""
+    from launcher import registry
+
+    job = launch(*SHORT)
+    wait_for("a checkpoint", lambda: job.latest_step() > 0, timeout=150)
+    node = slurm("squeue", "-h", "-j", job.job_id, "-o", "%N").strip()
+    reg = Registry(Path(job.registry))
+    sweep_id = job.sweep_dir.name
+    seen: list[str] = []
+
+    def ended() -> bool:
+        registry.refresh(reg, reg.sweep(sweep_id), force=True)  # what `vlaunch-ctl status --refresh` does
+        (row,) = reg.jobs(sweep_id)
+        if not seen or seen[-1] != row.state:
+            seen.append(row.state)
+        return row.state in registry.TERMINAL
+
+    try:
+        slurm("scontrol", "update", f"nodename={node}", "state=down", "reason=vlaunch-test")
+        wait_for("the registry to see the job end", ended, timeout=RUN_TIMEOUT_S, every=0.25)
+    finally:  # the local cluster brings the node back by itself (ReturnToService=2); make sure of it
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+        wait_for(f"{node} to be up", lambda: "down" not in slurm("sinfo", "-h", "-n", node, "-o", "%T"))
+    assert attempts(job.job_id)[0][0] == "NODE_FAIL", job.details()  # the node did fail the job
+    assert seen[-1] == "COMPLETED", (seen, job.details())
+    assert (job.run_dir / "metrics.json").exists()
