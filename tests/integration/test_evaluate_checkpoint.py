@@ -1,6 +1,7 @@
 """A saved checkpoint, evaluated alone (trainer.epochs=0 trainer.pretrained=...), gives the metrics
 of the run that wrote it: the path a user takes with a released fine-tuned checkpoint. The run's
-directory works in its place (its latest checkpoint), and so does a copy in a bucket (gs://)."""
+directory works in its place (its latest checkpoint), and so does a copy in a bucket (gs://).
+Weights or annotation files a job cannot use fail it in one line (exit code 2, bad input)."""
 
 from __future__ import annotations
 
@@ -77,4 +78,28 @@ def test_pretrained_weights_that_cannot_be_used_fail_the_job_in_one_line(tmp_pat
         errors = [line for line in (job / "logs" / "rank0.log").read_text().splitlines() if " ERROR " in line]
         assert len(errors) == 1 and expected in errors[0], errors
         assert not (job / "checkpoints").exists() and not (job / "metrics.json").exists()
+    assert proc.stdout.count("FAILED (exit 2)") == 2, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_an_annotation_file_that_is_not_json_fails_the_job_in_one_line_naming_where(tmp_path):
+    """A train annotation file cut short (a copy that ran out of space): each family's job fails with
+    exit code 2 and one line giving the file, line and column, not a JSONDecodeError traceback."""
+    import shutil
+
+    from trainers.core.sample_data import ensure_sample_data
+
+    root = tmp_path / "data"
+    shutil.copytree(ensure_sample_data("msrvtt", cache_dir=tmp_path / "cache", scale=0.1), root)
+    anno = root / "anno" / "msrvtt_ret_train7k.json"
+    anno.write_text(anno.read_text()[:500])
+    proc = launch(
+        tmp_path, "-m", "trainer=singularity,alpro", f"dataset.data_root={root}", "trainer.preset=tiny",
+        "sweep_id=bad", ok=False,
+    )  # fmt: skip
+    for num in (0, 1):
+        log = (tmp_path / "bad" / "jobs" / str(num) / "logs" / "rank0.log").read_text()
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and f"{anno}:1:" in errors[0] and "not valid JSON" in errors[0], log[-3000:]
+        assert "Traceback" not in log
     assert proc.stdout.count("FAILED (exit 2)") == 2, proc.stdout[-2000:]

@@ -108,19 +108,23 @@ def test_custom_jsonl_reads_both_video_spellings_and_builds_the_vocabulary(tmp_p
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"video_id": "v", "question": "q?", "answer": "a"', "not valid JSON"),
-        ('{"question": "q?", "answer": "a"}', "missing video_id \\(or video\\)"),
-        ('{"video_id": "v", "answer": "a"}', "missing question"),
-        ('["v", "q", "a"]', "expected a JSON object"),
-        ('{"video_id": "v", "question": "q", "answer": 3}', "question must be a string"),
+        (
+            '{"video_id": "v", "question": "q?", "answer": "a"',
+            "50: not valid JSON \\(Expecting ',' delimiter\\)",
+        ),
+        ('{"question": "q?", "answer": "a"}', " missing video_id \\(or video\\)"),
+        ('{"video_id": "v", "answer": "a"}', " missing question"),
+        ('["v", "q", "a"]', " expected a JSON object"),
+        ('{"video_id": "v", "question": "q", "answer": 3}', " question must be a string"),
     ],
 )
 def test_a_malformed_custom_line_is_reported_with_file_and_line(tmp_path, line, message):
     from trainers.clipbert.data import read_qa
+    from trainers.core.inputs import DataError
 
     path = tmp_path / "test.jsonl"
     path.write_text('{"video_id": "v0", "question": "fine?", "answer": "yes"}\n' + line + "\n")
-    with pytest.raises(ValueError, match=f"{path}:2: {message}"):
+    with pytest.raises(DataError, match=f"{path}:2:{message}"):
         read_qa(path)
 
 

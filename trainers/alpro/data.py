@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from trainers.core.clip_sampling import alpro_indices, read_sampled
+from trainers.core.inputs import DataError, parse_json_line, read_json
 from trainers.core.text import pre_text
 from trainers.core.video import VideoReadError
 from trainers.singularity.data import require
@@ -63,15 +64,22 @@ def read_annotations(path: str | os.PathLike) -> list[dict]:
         return _read_caption_csv(path)
     if path.suffix == ".pkl":
         return _read_caption_pickle(path)
-    text = path.read_text()
+    expected = "a JSON list of objects, or jsonl (one object per line)"
+    text = path.read_text(encoding="utf-8", errors="replace")
     try:
         entries = json.loads(text)
     except json.JSONDecodeError:
-        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):  # one JSON list, cut short or mistyped: say where
+            read_json(path, expected)
+        entries = [
+            parse_json_line(line, f"{path}:{number}", expected)
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     if isinstance(entries, dict):  # a jsonl file of a single line
         entries = [entries]
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ValueError(f"{path}: expected a JSON list or jsonl of objects")
+        raise DataError(f"{path}: expected a JSON list or jsonl of objects")
     return entries
 
 
@@ -83,7 +91,7 @@ def _caption_columns(columns, path) -> tuple[str, str]:
     for pair in _CAPTION_COLUMNS:
         if set(pair) <= set(columns):
             return pair
-    raise ValueError(f"{path}: columns {sorted(columns)}; expected WebVid's videoid+name or video_id+text")
+    raise DataError(f"{path}: columns {sorted(columns)}; expected WebVid's videoid+name or video_id+text")
 
 
 def _read_caption_csv(path: Path) -> list[dict]:
@@ -96,7 +104,7 @@ def _read_caption_csv(path: Path) -> list[dict]:
         for row in reader:
             video, caption = row.get(video_col), row.get(text_col)
             if not video or caption is None:
-                raise ValueError(f"{path}:{reader.line_num}: a row without {video_col} or {text_col}")
+                raise DataError(f"{path}:{reader.line_num}: a row without {video_col} or {text_col}")
             entries.append({"clip_name": video, "caption": caption})
     return entries
 
@@ -105,7 +113,7 @@ def _read_caption_pickle(path: Path) -> list[dict]:
     try:
         import pandas as pd
     except ImportError:
-        raise ValueError(
+        raise DataError(
             f"{path} is a pandas DataFrame pickle (ALPRO's webvid2m/txt/*.pkl) and pandas is not installed: "
             "pip install pandas, or convert it to a csv with columns video_id,text"
         ) from None
@@ -130,7 +138,7 @@ def retrieval_pairs(entries: list[dict], path, paragraph: bool) -> list[tuple[st
         elif "clip_name" in e and "caption" in e:  # ALPRO jsonl
             video = _video_file(e["clip_name"])
         else:
-            raise ValueError(f"{path}: retrieval entry with keys {sorted(e)}; expected video+caption or "
+            raise DataError(f"{path}: retrieval entry with keys {sorted(e)}; expected video+caption or "
                              "clip_name+caption")  # fmt: skip
         captions = e["caption"]
         if isinstance(captions, str):
@@ -151,7 +159,7 @@ def qa_items(entries: list[dict], path) -> list[dict]:
         elif "video_id" in e:
             video = _video_file(str(e["video_id"]))
         else:
-            raise ValueError(f"{path}: QA entry with keys {sorted(e)}; expected video or video_id")
+            raise DataError(f"{path}: QA entry with keys {sorted(e)}; expected video or video_id")
         answer = e.get("answer", [])
         items.append({
             "video": video,
@@ -165,8 +173,7 @@ def qa_items(entries: list[dict], path) -> list[dict]:
 
 def load_ans2label(path: str | os.PathLike) -> dict[str, int]:
     """The answer vocabulary: an answer list (JSON list, index = label) or an ``ans2label`` object."""
-    with open(require(path, "answer list", path)) as f:
-        vocab = json.load(f)
+    vocab = read_json(require(path, "answer list", path), "a JSON list of answers or an ans2label object")
     if isinstance(vocab, dict):
         return {str(a): int(label) for a, label in vocab.items()}
     return {str(a): i for i, a in enumerate(vocab)}
@@ -392,12 +399,12 @@ def read_entities(path: str | os.PathLike, limit: int) -> list[str]:
         if not words:
             continue
         if words[0] in entities:
-            raise ValueError(f"{path}:{number}: entity {words[0]!r} listed twice")
+            raise DataError(f"{path}:{number}: entity {words[0]!r} listed twice")
         entities.append(words[0])
         if len(entities) == limit:
             break
     if not entities:
-        raise ValueError(f"{path} lists no entity; expected one per line, e.g. 'man 41392'")
+        raise DataError(f"{path} lists no entity; expected one per line, e.g. 'man 41392'")
     return entities
 
 

@@ -49,6 +49,7 @@ from trainers.alpro.data import _label, load_ans2label, qa_items, read_annotatio
 from trainers.clipbert.config import VisionConfig
 from trainers.clipbert.lmdb_pack import LmdbVideoStore
 from trainers.core.clip_sampling import clipbert_indices, read_sampled
+from trainers.core.inputs import DataError
 from trainers.core.text import pre_text
 from trainers.core.video import VideoReadError
 from trainers.singularity.data import require
@@ -74,24 +75,24 @@ def read_qa_jsonl(path: str | os.PathLike) -> list[dict]:
                 continue
             where = f"{path}:{number}"
             try:
-                entry = json.loads(line)
+                entry = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                raise DataError(f"{where}:{e.colno}: not valid JSON ({e.msg}); each line must be "
                                  'one object like {"video_id": "v1", "question": "...", "answer": "..."}') from None  # fmt: skip
             if not isinstance(entry, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(entry).__name__}")
             missing = [k for k in QA_FIELDS if k not in entry]
             if "video" not in entry and "video_id" not in entry:
                 missing.insert(0, "video_id (or video)")
             if missing:
-                raise ValueError(f"{where}: missing {', '.join(missing)}; each line needs video_id (or video), "
+                raise DataError(f"{where}: missing {', '.join(missing)}; each line needs video_id (or video), "
                                  "question and answer")  # fmt: skip
             answer = entry["answer"]
             if not isinstance(entry["question"], str) or not (
                 isinstance(answer, str)
                 or (isinstance(answer, list) and all(isinstance(a, str) for a in answer))
             ):
-                raise ValueError(
+                raise DataError(
                     f"{where}: question must be a string and answer a string or a list of strings"
                 )
             video = entry.get("video")
@@ -106,7 +107,7 @@ def read_qa_jsonl(path: str | os.PathLike) -> list[dict]:
                 "answer_type": entry.get("answer_type"),
             })  # fmt: skip
     if not items:
-        raise ValueError(f"{path}: no questions in the file")
+        raise DataError(f"{path}: no questions in the file")
     return items
 
 
@@ -264,7 +265,7 @@ class QADataset(ClipFrames):
                             len(items) - len(kept), len(items))  # fmt: skip
             items, labels = [items[i] for i in kept], [labels[i] for i in kept]
         if not items:
-            raise ValueError("no question has an answer in the answer vocabulary")
+            raise DataError("no question has an answer in the answer vocabulary")
         self.items, self.labels = items, [label if label >= 0 else -100 for label in labels]
         by_video: dict[str, list[int]] = {}
         for i, item in enumerate(items):

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainers.core import checkpoint, distributed, tracking
 from trainers.core.distributed import DistEnv
+from trainers.core.inputs import DataError
 from trainers.core.job import (
     REQUEUE_EXIT_CODE,
     Progress,
@@ -332,6 +333,9 @@ def main(make_recipe: Callable[[dict[str, Any], torch.device], Recipe], program:
         code = train(argv[0], make_recipe)
     except FileNotFoundError as e:
         # Missing data, annotation or tokenizer files: the message says what to do; no traceback.
+        log.error("%s", e)
+        code = 2
+    except DataError as e:  # an annotation or data file it cannot use: the message says where and why
         log.error("%s", e)
         code = 2
     except WeightsError as e:  # trainer.pretrained= names a file it cannot use

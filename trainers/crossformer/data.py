@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from trainers.core.clip_sampling import crossformer_indices, read_sampled
+from trainers.core.inputs import DataError
 from trainers.core.text import pre_text
 from trainers.core.video import VideoReadError
 from trainers.crossformer.audio import AudioReadError, fbank_image, read_audio
@@ -62,7 +63,7 @@ def read_rows(path: str | os.PathLike, max_samples: int | None = None) -> list[d
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path}: header {reader.fieldnames} lacks column(s) {missing}; expected a header row with "
                 f"{', '.join(COLUMNS)} (paths relative to the video, audio and text roots)"
             )
@@ -72,12 +73,12 @@ def read_rows(path: str | os.PathLike, max_samples: int | None = None) -> list[d
                 break
             empty = [c for c in COLUMNS if not (row[c] or "").strip()]
             if empty:
-                raise ValueError(
+                raise DataError(
                     f"{path}, line {number}: empty {', '.join(empty)}; every row names three files"
                 )
             rows.append({c: row[c].strip() for c in COLUMNS})
     if not rows:
-        raise ValueError(f"{path} has no rows")
+        raise DataError(f"{path} has no rows")
     return rows
 
 

@@ -12,7 +12,6 @@ which a mirrored frame contradicts. Turn it on (``hflip=True``) for real data, w
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from trainers.core.inputs import DataError, read_json
 from trainers.core.sample_data import dataset_for_file
 from trainers.core.text import pre_text
 from trainers.core.video import VideoReadError, read_frames
@@ -67,10 +67,10 @@ def load_anno(anno_path: str | os.PathLike, media_root: str | os.PathLike) -> tu
     """The annotation list and the media root, both checked to exist."""
     anno_path = require(anno_path, "annotation file", anno_path)
     media_root = require(media_root, "video directory", anno_path)
-    with open(anno_path) as f:
-        anno = json.load(f)
+    expected = "a JSON list of objects with a 'video' key (upstream format)"
+    anno = read_json(anno_path, expected)
     if not isinstance(anno, list) or not all(isinstance(a, dict) and "video" in a for a in anno):
-        raise ValueError(f"{anno_path}: expected a JSON list of objects with a 'video' key (upstream format)")
+        raise DataError(f"{anno_path}: expected {expected}")
     return anno, media_root
 
 
@@ -299,10 +299,11 @@ class QADataset(_VideoDataset):
         self.ground_truth = {a["question_id"]: _as_list(a["answer"]) for a in self.anno}
         self.answer_list: list[str] | None = None
         if answer_list is not None:
-            with open(require(answer_list, "answer list", answer_list)) as f:
-                self.answer_list = json.load(f)
+            self.answer_list = read_json(
+                require(answer_list, "answer list", answer_list), "a JSON list of answers"
+            )
         elif not train:
-            raise ValueError(
+            raise DataError(
                 f"evaluating {anno_path} needs answer_list= (e.g. anno/msrvtt_qa_answer_list.json)"
             )
 
