@@ -102,11 +102,15 @@ def effective_backend(backend_cfg: dict[str, Any], site_cfg: dict[str, Any]) -> 
         raise LaunchError(
             "backend=local runs on this machine only: nodes must be 1 (use backend=slurm for more)"
         )
+    # Numbers sbatch would refuse late or misread (it takes --array=0-9%-2 as written). 0 is a choice
+    # for array_parallelism (%0: no throttle), mem_gb (--mem=0: all of the node's memory) and time_min
+    # (--time=0: no limit).
     for key in ("nodes", "tasks_per_node", "cpus_per_task"):
         if resolved.get(key) is not None and int(resolved[key]) < 1:
             raise LaunchError(f"backend.{key} must be at least 1, got {resolved[key]}")
-    if resolved.get("max_requeues") is not None and int(resolved["max_requeues"]) < 0:
-        raise LaunchError(f"backend.max_requeues must be 0 or more, got {resolved['max_requeues']}")
+    for key in ("max_requeues", "gpus_per_node", "signal_delay_s", "mem_gb", "time_min", "array_parallelism"):
+        if resolved.get(key) is not None and int(resolved[key]) < 0:
+            raise LaunchError(f"backend.{key} must be 0 or more, got {resolved[key]}")
     if name.startswith("tpu_"):
         from launcher.backends.tpu import check_resources
 

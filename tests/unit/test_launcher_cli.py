@@ -307,6 +307,11 @@ def test_flags_work_wherever_they_are_typed(tmp_path):
             ["trainer=clipbert", "trainer.batch_size_test=0"],
             "error: trainer=clipbert: trainer.batch_size_test must be >= 1",
         ),
+        (  # sbatch takes --array=0-1%-2 as written
+            ["-m", "seed=1,2", "backend=slurm", "backend.array_parallelism=-2"],
+            "error: backend.array_parallelism must be 0 or more, got -2",
+        ),
+        (["backend=slurm", "backend.time_min=-5"], "error: backend.time_min must be 0 or more, got -5"),
     ],
 )
 def test_values_a_job_cannot_run_with_are_refused_at_plan_time(tmp_path, args, expected):
