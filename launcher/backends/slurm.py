@@ -63,7 +63,7 @@ def sbatch_parameters(resources: dict[str, Any], job_name: str) -> dict[str, Any
     params["time"] = int(resources["time_min"])
     if resources.get("gpus_per_node"):
         params["gpus_per_node"] = int(resources["gpus_per_node"])
-    if resources.get("mem_gb"):
+    if resources.get("mem_gb") is not None:  # 0 asks for all of a node's memory
         params["mem"] = f"{int(resources['mem_gb'])}GB"
     params["job_name"] = resources.get("job_name") or job_name
     params["stderr_to_stdout"] = True  # one log per task: errors next to the output that led to them

@@ -143,6 +143,14 @@ def test_golden_sbatch_for_a_two_node_job_with_every_resource(tmp_path):
     check_golden("slurm_two_nodes.txt", text)
 
 
+def test_zero_memory_and_time_ask_slurm_for_all_memory_and_no_limit(tmp_path):
+    # Slurm's own meanings of 0: --mem=0 is all of each node's memory, --time=0 no time limit.
+    proc = launcher(
+        "backend=slurm", "backend.mem_gb=0", "backend.time_min=0", "--dry-run", runs=tmp_path, check=True
+    )
+    assert "#SBATCH --mem=0GB" in proc.stdout.splitlines() and "#SBATCH --time=0" in proc.stdout.splitlines()
+
+
 def test_unknown_key_fails_with_the_valid_keys(tmp_path):
     proc = launcher("-m", "dataset=didemo,msrvtt", "backend=slurm", "backend.partitio=gpu", runs=tmp_path)
     assert proc.returncode == 2
