@@ -143,7 +143,7 @@ def stage_code(
         except StagingError:
             raise
         except (storage.StorageError, OSError, ValueError) as e:
-            raise StagingError(f"staging the code to {url} failed: {_one_line(e)}") from None
+            raise StagingError(f"staging the code to {url} failed: {_reason(e, url)}") from None
     return StagedCode(
         url=url,
         md5=archive.md5,
@@ -169,7 +169,7 @@ def stage_file(local_path: Path, url: str) -> str:
             return digest
         return storage.upload(local_path, url, verify=True)
     except (storage.StorageError, OSError, ValueError) as e:
-        raise StagingError(f"staging {local_path} to {url} failed: {_one_line(e)}") from None
+        raise StagingError(f"staging {local_path} to {url} failed: {_reason(e, url)}") from None
 
 
 def render_staging(
@@ -202,5 +202,13 @@ def manifest_of(staged: StagedCode) -> dict:
     return asdict(staged)
 
 
-def _one_line(error: BaseException) -> str:
+def _reason(error: BaseException, url: str) -> str:
+    """Why an upload to `url` failed, in one line. gcsfs reports a bucket that does not exist (or that
+    these credentials cannot see) as FileNotFoundError(<the upload request's URL>), which says nothing."""
+    if isinstance(error, FileNotFoundError) and url.startswith("gs://"):
+        bucket = url.split("/", 3)[2]
+        return (
+            f"bucket gs://{bucket} does not exist or these credentials cannot see it; "
+            "create it, or set backend.bucket= to one you can write to"
+        )
     return " ".join(str(error).split()) or type(error).__name__

@@ -135,6 +135,14 @@ def test_render_staging_names_the_object_and_touches_no_bucket(program):
     assert "c.yaml" in text and "gs://x/c" in text
 
 
+def test_staging_to_a_bucket_that_does_not_exist_says_so(fake_gcs, program):
+    src, files = program
+    with pytest.raises(
+        StagingError, match=r"failed: bucket gs://no-such-bucket does not exist .*backend.bucket="
+    ):
+        stage_code(src, files, "gs://no-such-bucket/runs")
+
+
 def test_staging_a_missing_file_is_one_clear_line(tmp_path):
     with pytest.raises(StagingError, match="not a file"):
         stage_code(tmp_path, ["nope.py"], PREFIX)
