@@ -17,8 +17,9 @@ class DataError(ValueError):
 
 
 def read_json(path: str | os.PathLike, expected: str) -> Any:
-    """The JSON value in `path`; DataError naming the line and column (`file:line:column:`) if it is not JSON. `expected`
-    describes the format for the message, e.g. "a JSON list of objects with a 'video' key"."""
+    """The JSON value in `path`; DataError naming the line and column (`file:line:column:`) if it is
+    not JSON. `expected` describes the format for the message, e.g. "a JSON list of objects with a
+    'video' key"."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
