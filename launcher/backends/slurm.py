@@ -310,7 +310,7 @@ def _expand(job_id: str) -> list[str]:
 # one that failed to launch, and one whose exit code the cluster's RequeueExit lists. Until the next
 # attempt is recorded, sacct shows the attempt that ended; the queue already holds the job again.
 _MAY_COME_BACK = {"NODE_FAIL", "BOOT_FAIL", FAILED}
-_LEAVING = {"COMPLETING", COMPLETED, *TERMINAL}
+_LEAVING = {"COMPLETING", *TERMINAL}
 
 
 def query_states(array_ids: list[str]) -> dict[str, tuple[str, int | None]]:

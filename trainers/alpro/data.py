@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from trainers.core.clip_sampling import alpro_indices, read_sampled
-from trainers.core.inputs import DataError, parse_json_line, read_json
+from trainers.core.inputs import DataError, not_json, parse_json_line, read_json
 from trainers.core.text import pre_text
 from trainers.core.video import VideoReadError
 from trainers.singularity.data import require
@@ -68,9 +68,9 @@ def read_annotations(path: str | os.PathLike) -> list[dict]:
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         entries = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
         if text.lstrip().startswith("["):  # one JSON list, cut short or mistyped: say where
-            read_json(path, expected)
+            raise not_json(f"{path}:{e.lineno}", e, expected) from None
         entries = [
             parse_json_line(line, f"{path}:{number}", expected)
             for number, line in enumerate(text.splitlines(), start=1)

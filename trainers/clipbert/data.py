@@ -33,7 +33,6 @@ of one video, which then share its decoded clips (upstream's ``max_n_example_per
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections import Counter
@@ -49,7 +48,7 @@ from trainers.alpro.data import _label, load_ans2label, qa_items, read_annotatio
 from trainers.clipbert.config import VisionConfig
 from trainers.clipbert.lmdb_pack import LmdbVideoStore
 from trainers.core.clip_sampling import clipbert_indices, read_sampled
-from trainers.core.inputs import DataError
+from trainers.core.inputs import DataError, parse_json_line
 from trainers.core.text import pre_text
 from trainers.core.video import VideoReadError
 from trainers.singularity.data import require
@@ -74,11 +73,8 @@ def read_qa_jsonl(path: str | os.PathLike) -> list[dict]:
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                entry = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}:{e.colno}: not valid JSON ({e.msg}); each line must be "
-                                 'one object like {"video_id": "v1", "question": "...", "answer": "..."}') from None  # fmt: skip
+            entry = parse_json_line(line, where, 'one object per line, like {"video_id": "v1", "question": "...", '
+                                                 '"answer": "..."}')  # fmt: skip
             if not isinstance(entry, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(entry).__name__}")
             missing = [k for k in QA_FIELDS if k not in entry]

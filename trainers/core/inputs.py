@@ -25,9 +25,7 @@ def read_json(path: str | os.PathLike, expected: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"{os.fspath(path)}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); expected {expected}"
-        ) from None
+        raise not_json(f"{os.fspath(path)}:{e.lineno}", e, expected) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{os.fspath(path)}: not UTF-8 text ({e.reason}); expected {expected}") from None
 
@@ -37,4 +35,10 @@ def parse_json_line(line: str, where: str, expected: str) -> Any:
     try:
         return json.loads(line.rstrip("\r\n"))  # columns count within the line, not past its end
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}:{e.colno}: not valid JSON ({e.msg}); expected {expected}") from None
+        raise not_json(where, e, expected) from None
+
+
+def not_json(where: str, error: json.JSONDecodeError, expected: str) -> DataError:
+    """The DataError for text at `where` (file:line) that did not parse: `file:line:column: not valid
+    JSON (why); expected <format>`."""
+    return DataError(f"{where}:{error.colno}: not valid JSON ({error.msg}); expected {expected}")
