@@ -317,7 +317,15 @@ def run_plan(
             f"{plan.sweep_dir} already holds a sweep: give another sweep_id= (or runs_root=); nothing was "
             "submitted"
         )
-    snapshot.attach(plan)  # jobs run the code submitted now, also when requeued after an edit
+    try:
+        snapshot.attach(plan)  # jobs run the code submitted now, also when requeued after an edit
+    except OSError as e:  # a full disk, or a runs_root this user cannot write
+        remove_hydra_leftovers(plan.sweep_dir)
+        where = e.filename2 or e.filename or plan.sweep_dir.parent  # copyfile: (source, destination)
+        raise LaunchError(
+            f"cannot snapshot the code under {plan.sweep_dir.parent}: {e.strerror or e} ({where}); nothing "
+            "was submitted: free some space there or set runs_root= to another directory"
+        ) from None
     # The registry first: it refuses a sweep id it holds already, and one it cannot use, before a
     # run dir is written.
     try:

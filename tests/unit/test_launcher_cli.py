@@ -404,3 +404,29 @@ def test_a_refused_launch_writes_nothing_over_an_earlier_sweep(tmp_path, monkeyp
         f"error: cannot use the registry {bad}: file is not a database; name another"
     )
     assert bad.read_text() == "notes\n" and [p.name for p in other.iterdir()] == [".code"]
+
+
+def test_a_code_snapshot_the_disk_cannot_hold_is_one_line_and_leaves_nothing(tmp_path):
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG, as on a full disk with ENOSPC
+    # (Python ignores SIGXFSZ). Before, copying the checkout under runs_root ended in a traceback.
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, resource.RLIM_INFINITY))
+
+    runs = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", f"registry={tmp_path / 'registry.sqlite'}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, VLAUNCH_RUNS=str(runs)),
+        timeout=120,
+        preexec_fn=small_files,
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot snapshot the code under {runs}: File too large ("), (
+        proc.stderr
+    )
+    assert "nothing was submitted: free some space there or set runs_root=" in proc.stderr
+    assert [p.name for p in runs.iterdir()] == [".code"] and not list((runs / ".code").iterdir())
