@@ -183,6 +183,36 @@ def test_two_processes_survive_sigterm_on_gcs_and_match_an_uninterrupted_run(cac
     assert storage.read_text(f"{output}/status/params.rank0.sha256").strip() == expected[0]
 
 
+def test_a_checkpoint_the_disk_cannot_hold_ends_the_run_in_one_line(cache, tmp_path):
+    """A real write error: past RLIMIT_FSIZE the checkpoint's data file fails with EFBIG, as on a full
+    disk with ENOSPC (Python ignores SIGXFSZ). Before, the job ended with exit 2 (the code for bad data)
+    and a log tail of Orbax's and asyncio's tracebacks, one per array."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+
+    trainer = {"epochs": 1, "log_every": 1, "save_every": 4, "eval_split": "none"}
+    config = write_config(tmp_path / "run", trainer)
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.reserve", str(config)],
+        cwd=ROOT, env=env_for(cache), capture_output=True, text=True, timeout=TIMEOUT_S,
+        preexec_fn=small_files,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    message = errors[0].split(" ERROR trainers.reserve: ", 1)[-1]
+    assert re.fullmatch(
+        rf"cannot write checkpoint {re.escape(str(checkpoints / '4'))}: File too large, \d+ MiB free there; "
+        r"make room and resubmit the job \(it starts over: no checkpoint was saved before this one\)",
+        message,
+    ), errors
+    assert not (checkpoints / "4").exists()  # a save cut short never counts as committed
+
+
 # Process 0 as a host whose save fails (the bucket refused it) at step 8, while process 1 goes into the
 # same save and waits there for process 0.
 FAILING_SAVE = """

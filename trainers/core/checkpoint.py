@@ -29,6 +29,23 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none of them can be read, or a checkpoint cannot be written."""
 
 
+def write_failed(path: str | Path, reason: str, kept: str | None) -> CheckpointError:
+    """The one-line error for checkpoint `path` (a file or a step dir, local or a URL) that could not be
+    written: `reason`, the space left (local), and `kept`, the checkpoint that is still the latest."""
+    free = ""
+    if "://" not in str(path):
+        try:
+            free = f", {shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:.0f} MiB free there"
+        except OSError:
+            pass
+    then = (
+        f"{kept} is still the latest: make room and resubmit the job to resume from it"
+        if kept
+        else "make room and resubmit the job (it starts over: no checkpoint was saved before this one)"
+    )
+    return CheckpointError(f"cannot write checkpoint {path}: {reason}{free}; {then}")
+
+
 class _FirstWriteError:
     """A binary file that remembers the first OSError of its `write`: torch.save turns one into an
     unrelated RuntimeError ("unexpected pos 704 vs 598"), which would hide a full disk."""
@@ -104,19 +121,8 @@ def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2)
         _fsync_write(path, lambda f: torch.save(state, f))
         _fsync_write(directory / LATEST, lambda f: f.write(path.name.encode()))
     except OSError as e:  # a full disk, a quota, a file size limit, a read-only filesystem
-        try:
-            free = f", {shutil.disk_usage(directory).free / 2**20:.0f} MiB free there"
-        except OSError:
-            free = ""
         kept = latest(directory)
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {e.strerror or e}{free}; "
-            + (
-                f"{kept.name} is still the latest: make room and resubmit the job to resume from it"
-                if kept
-                else "make room and resubmit the job (it starts over: no checkpoint was saved before this one)"
-            )
-        ) from e
+        raise write_failed(path, e.strerror or str(e), kept.name if kept else None) from e
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             if old != path:  # never the one `latest` now names, even if a higher step lies around

@@ -11,6 +11,7 @@ in background threads while training goes on; `wait` blocks until every started 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import re
@@ -18,7 +19,16 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from trainers.core.checkpoint import CheckpointError, write_failed
+
 log = logging.getLogger("trainers.reserve.checkpoint")
+
+# How Orbax (through tensorstore) reports a write the filesystem or the bucket refused: a status code,
+# and for a local file the OS's reason before the errno (`...: No space left on device [os_error_code=..`).
+_STORE_ERROR = re.compile(
+    r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED): |\[os_error_code="
+)
+_OS_REASON = re.compile(r"([^:\]]+?) \[os_error_code=")
 
 
 class Checkpointer:
@@ -31,8 +41,11 @@ class Checkpointer:
             enable_async_checkpointing=asynchronous,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # a save cut short (a full disk, a kill) takes no room
         )
         self.manager = ocp.CheckpointManager(directory, options=options)
+        self._in_flight: int | None = None  # the step of the save started last, until it is committed
+        self._failed: CheckpointError | None = None
 
     def latest_step(self) -> int | None:
         """The newest committed step (None when there is none)."""
@@ -47,16 +60,19 @@ class Checkpointer:
         # The steps as the directory has them, once no save is in flight: a save's background thread
         # deletes the steps past `keep` after it commits, and a reload while it does read a step being
         # deleted back in, which the next save then deleted again and failed on (FileNotFoundError).
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.reload()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start saving `state` (a pytree of global jax.Arrays) at `step`; returns before the upload ends."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        """Start saving `state` (a pytree of global jax.Arrays) at `step`; returns before the upload ends.
+        Raises CheckpointError when this save, or the one before it, could not be written."""
+        with self._write_errors(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self._in_flight = step
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of `step`; `abstract_state` gives every leaf's shape, dtype and sharding."""
@@ -69,11 +85,49 @@ class Checkpointer:
         return out["state"], dict(out["meta"])
 
     def wait(self) -> None:
-        """Block until every save started so far is committed."""
-        self.manager.wait_until_finished()
+        """Block until every save started so far is committed (CheckpointError when one was not)."""
+        if self._failed is not None:  # reported once already; Orbax has given up on that save
+            return
+        with self._write_errors(self._in_flight):
+            self.manager.wait_until_finished()
+        self._in_flight = None
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        try:
+            yield
+        except Exception as e:
+            message = str(e)
+            if not (isinstance(e, OSError) or _STORE_ERROR.search(message)):
+                raise
+            # A background save that failed surfaces at the next call: name that save's step.
+            step = self._in_flight if self._in_flight is not None else step
+            self._failed = self._explain(step, e)
+            raise self._failed from None
+
+    def _explain(self, step: int | None, error: Exception) -> CheckpointError:
+        found = _OS_REASON.search(str(error))
+        if found:
+            reason = found.group(1).strip()
+        elif isinstance(error, OSError):
+            reason = error.strerror or str(error)
+        else:
+            reason = str(error).splitlines()[0][:300]
+        try:
+            self.manager.reload()
+            latest = self.manager.latest_step()
+        except Exception:  # noqa: BLE001 - the message is what matters now
+            latest = None
+        kept = None if latest is None else f"step {latest}"
+        return write_failed(posixpath.join(self.directory, str(step)), reason, kept)
 
     def close(self) -> None:
-        self.manager.close()
+        if self._failed is not None:  # Orbax would raise the failed save's error again
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        with self._write_errors(self._in_flight):
+            self.manager.close()
 
 
 def resolve_resume_from(path: str) -> tuple[str, int]:
@@ -96,4 +150,4 @@ def resolve_resume_from(path: str) -> tuple[str, int]:
     return path, latest
 
 
-__all__ = ["Checkpointer", "resolve_resume_from"]
+__all__ = ["CheckpointError", "Checkpointer", "resolve_resume_from"]

@@ -368,7 +368,10 @@ def train(config_path: str) -> int:
     received, stop = stop.received, StopSignal()
     stop.received = received
     setup_logging(env.process_index)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
+    # Orbax logs every file it writes at INFO, and a failed save at ERROR from each of its threads (with
+    # asyncio's "Task exception was never retrieved" for each array); the error itself reaches the loop.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     logging.getLogger("fsspec").setLevel(logging.WARNING)  # and fsspec every read-ahead cache it opens
     log.info(
         "reserve on %s: process %d of %d (%s), %d local / %d global devices",
@@ -392,8 +395,13 @@ def main() -> None:
     argv = sys.argv[1:]
     if len(argv) != 1:
         raise SystemExit("usage: python -m trainers.reserve <run_dir>/config.yaml")
+    from trainers.reserve.checkpoint import CheckpointError
+
     try:
         code = train(argv[0])
+    except CheckpointError as e:  # a full disk, a bucket this job cannot write: the line says which
+        log.error("%s", e)
+        code = 1
     except (FileNotFoundError, ValueError) as e:
         # Missing or malformed data, a config that does not fit the records: the message says what to do.
         log.error("%s", e)
