@@ -204,6 +204,35 @@ def test_an_interrupted_build_is_cleaned_up_and_redone(tmp_path):
     assert sd.is_complete(root) and not (root / "junk").exists() and not stale.exists()
 
 
+def test_a_cache_the_disk_cannot_hold_fails_in_one_line_and_leaves_nothing(tmp_path):
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG, as on a full disk with ENOSPC
+    # (Python ignores SIGXFSZ). Before, the job ended in PyAV's traceback, with exit code 1.
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        from trainers.core.inputs import DataError
+        from trainers.core.sample_data import ensure_sample_data
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, resource.RLIM_INFINITY))  # videos: ~20 KB
+        try:
+            ensure_sample_data("msrvtt", sys.argv[1], scale=0.05)
+        except DataError as e:
+            print(e)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    root = sd.sample_data_root("msrvtt", tmp_path, 0.05)
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 1, out
+    assert out.stdout.startswith(
+        f"cannot write the sample dataset msrvtt under {root.parent}: File too large, "
+    )
+    assert out.stdout.rstrip().endswith(
+        "MiB free there; free some space there or set VLAUNCH_DATA_CACHE= to a directory with room"
+    )
+    assert [p.name for p in root.parent.iterdir()] == [f".{root.name}.lock"]  # no half-written dataset
+
+
 def test_cache_location_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(sd.CACHE_ENV, str(tmp_path))
     assert sd.sample_data_root("didemo") == tmp_path / f"v{sd.FORMAT_VERSION}" / "didemo"

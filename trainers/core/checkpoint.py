@@ -14,11 +14,12 @@ import logging
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trainers.core import storage
 
 LATEST = "latest"
 _NAME = re.compile(r"^ckpt_(\d+)\.pth$")
@@ -32,18 +33,12 @@ class CheckpointError(RuntimeError):
 def write_failed(path: str | Path, reason: str, kept: str | None) -> CheckpointError:
     """The one-line error for checkpoint `path` (a file or a step dir, local or a URL) that could not be
     written: `reason`, the space left (local), and `kept`, the checkpoint that is still the latest."""
-    free = ""
-    if "://" not in str(path):
-        try:
-            free = f", {shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:.0f} MiB free there"
-        except OSError:
-            pass
     then = (
         f"{kept} is still the latest: make room and resubmit the job to resume from it"
         if kept
         else "make room and resubmit the job (it starts over: no checkpoint was saved before this one)"
     )
-    return CheckpointError(f"cannot write checkpoint {path}: {reason}{free}; {then}")
+    return CheckpointError(f"cannot write checkpoint {path}: {reason}{storage.free_space(path)}; {then}")
 
 
 class _FirstWriteError:

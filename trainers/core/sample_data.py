@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainers.core import storage
+from trainers.core.inputs import DataError
 from trainers.core.text import pre_text
 
 logger = logging.getLogger(__name__)
@@ -252,32 +254,57 @@ def ensure_sample_data(
     if is_complete(root):
         logger.info("reusing sample dataset %s at %s", name, root)
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if is_complete(root):  # built by another job while we waited for the lock
-                logger.info("reusing sample dataset %s at %s", name, root)
-                return root
-            # Leftovers of a build that was killed (we hold the lock, so nobody else is building).
-            for stale in root.parent.glob(f".{root.name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if root.exists():
-                shutil.rmtree(root)  # unfinished or of an older format
-            logger.info("generating sample dataset %s into %s", name, root)
-            # Not mkdtemp: its 0700 mode would keep other users of a shared cache out. The lock (and the
-            # clean-up above) already make the name ours alone.
-            tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-            tmp.mkdir()
+    return build_once(
+        root,
+        lambda tmp: generate_sample_data(name, tmp, scale=scale, progress=progress),
+        is_complete,
+        f"sample dataset {name}",
+    )
+
+
+def build_once(
+    root: Path, build: Callable[[Path], None], complete: Callable[[Path], bool], what: str
+) -> Path:
+    """``root``, made by ``build`` into a temporary sibling that is renamed into place, unless
+    ``complete(root)`` already.
+
+    Safe from many processes at once: one builds under a lock, the others wait and reuse its result. A
+    build killed midway leaves only its temporary dir, removed by the next one. A filesystem that refuses
+    the writes (full, read-only) raises DataError in one line, with nothing left behind.
+    """
+    stem = root.name.lstrip(".")  # hidden roots too: `.x.lock`, not `..x.lock`
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f".{stem}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                generate_sample_data(name, tmp, scale=scale, progress=progress)
-                os.rename(tmp, root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return root
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+                if complete(root):  # built by another process while we waited for the lock
+                    logger.info("reusing %s at %s", what, root)
+                    return root
+                # Leftovers of a build that was killed (we hold the lock, so nobody else is building).
+                for stale in root.parent.glob(f".{stem}.tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                if root.exists():
+                    shutil.rmtree(root)  # unfinished or of an older format
+                logger.info("generating %s into %s", what, root)
+                # Not mkdtemp: its 0700 mode would keep other users of a shared cache out. The lock (and the
+                # clean-up above) already make the name ours alone.
+                tmp = root.parent / f".{stem}.tmp-{os.getpid()}"
+                tmp.mkdir()
+                try:
+                    build(tmp)
+                    os.rename(tmp, root)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                return root
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as e:  # a full disk, a quota, a cache dir this user cannot write
+        raise DataError(
+            f"cannot write the {what} under {root.parent}: {e.strerror or e}{storage.free_space(root.parent)}; "
+            f"free some space there or set {CACHE_ENV}= to a directory with room"
+        ) from None
 
 
 def split_sizes(name: str, scale: float = 1.0) -> dict[str, int]:

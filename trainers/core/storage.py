@@ -19,6 +19,7 @@ import hashlib
 import os
 import posixpath
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,20 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
     import fsspec.core
 
     return fsspec.core.url_to_fs(str(path))
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """ ", N MiB free there" for the filesystem of a local `path` (or its nearest existing parent), for
+    messages about a write that failed; "" for a URL or when it cannot be told."""
+    if is_remote(path):
+        return ""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        return f", {shutil.disk_usage(where).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return ""
 
 
 def exists(path: str | os.PathLike) -> bool:

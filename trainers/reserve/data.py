@@ -10,17 +10,18 @@ Also prepares the sample data on first use (cached beside it), so a run needs no
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from trainers.core import storage
+from trainers.core.sample_data import build_once
 from trainers.reserve import prep
 from trainers.reserve.config import TrainConfig
 
@@ -141,18 +142,12 @@ def sample_records(dataset: dict[str, Any], cfg: TrainConfig, layout: prep.Layou
         json.dumps([layout.to_dict(), cfg.on_bad_input, prep.RECORDS_FORMAT]).encode()
     ).hexdigest()[:12]
     out = root.parent / f".{root.name}-records-{key}"
-    if (out / prep.META).exists():
-        return str(out)
-    with open(root.parent / f".{root.name}-records.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (out / prep.META).exists():
-                log.info("preparing sample records for %s into %s", name, out)
-                prep.prepare(name, root, str(out), layout, sample_data.QA_FILES[name], examples_per_shard=8,
-                             on_bad_input=cfg.on_bad_input)  # fmt: skip
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return str(out)
+
+    def build(tmp: Path) -> None:
+        prep.prepare(name, root, str(tmp), layout, sample_data.QA_FILES[name], examples_per_shard=8,
+                     on_bad_input=cfg.on_bad_input)  # fmt: skip
+
+    return str(build_once(out, build, lambda path: (path / prep.META).exists(), f"sample records of {name}"))
 
 
 def records_url(dataset: dict[str, Any], cfg: TrainConfig, layout: prep.Layout) -> str:

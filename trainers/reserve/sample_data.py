@@ -23,17 +23,15 @@ WAV at 8 kHz through the stdlib `wave` module, because writing mp3 needs an enco
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import shutil
 import wave
 from pathlib import Path
 
 import numpy as np
 
-from trainers.core.sample_data import default_cache_dir
+from trainers.core.sample_data import build_once, default_cache_dir
 
 log = logging.getLogger("trainers.reserve.sample_data")
 
@@ -96,26 +94,12 @@ def ensure_sample_data(name: str, scale: float = 1.0, cache_dir: str | os.PathLi
     root = sample_root(name, scale, cache_dir)
     if is_complete(root):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if is_complete(root):
-                return root
-            tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(root, ignore_errors=True)
-            log.info("generating sample dataset %s into %s", name, root)
-            try:
-                generate(name, tmp, scale)
-                (tmp / STAMP_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
-                os.rename(tmp, root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return root
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def build(tmp: Path) -> None:
+        generate(name, tmp, scale)
+        (tmp / STAMP_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
+
+    return build_once(root, build, is_complete, f"sample dataset {name}")
 
 
 def generate(name: str, root: Path, scale: float = 1.0) -> None:
