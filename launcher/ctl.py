@@ -127,7 +127,7 @@ def status_text(reg: Registry, sweep: Sweep, now: float | None = None) -> str:
                 _state_text(j),
                 str(j.requeues),
                 _fmt(value),
-                "-" if step is None else f"step {step}",
+                "-" if step is None else f"step {step}" + (" (gone)" if j.checkpoint_gone else ""),
             ]
         )
     git = (sweep.git_commit or "no git")[:12] + (" +diff" if sweep.git_diff_sha256 else "")
@@ -196,6 +196,8 @@ def cmd_logs(reg: Registry, args: argparse.Namespace) -> int:
     path = log_file(sweep, job, args.rank)
     if not args.follow:
         if not path.exists():
+            if not Path(sweep.runs_dir).is_dir():
+                raise CtlError(f"no log at {path}: the sweep's runs dir {sweep.runs_dir} is gone")
             raise CtlError(f"no log yet at {path} (job {job.num} is {job.state})")
         with open(path, "rb") as f:
             sys.stdout.buffer.write(f.read())
@@ -334,7 +336,12 @@ def relaunch(
             apply.write_job_config(job)
     for job in jobs:
         step = job.checkpoint_step
-        start = f"from checkpoint step {step}" if step is not None else "from its latest checkpoint, if any"
+        if job.checkpoint_gone:
+            start = f"from the start: its checkpoint {job.checkpoint} is gone"
+        elif step is not None:
+            start = f"from checkpoint step {step}"
+        else:
+            start = "from its latest checkpoint, if any"
         print(f"  job {job.num} ({job.label}) was {_state_text(job)}: again {start}")
     if sweep.backend == "local" or sweep.backend.startswith("tpu_"):
         if sweep.backend != "local":

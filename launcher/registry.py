@@ -214,6 +214,12 @@ class Job:
         m = re.search(r"(\d+)", Path(self.checkpoint).name) if self.checkpoint else None
         return int(m.group(1)) if m else None
 
+    @property
+    def checkpoint_gone(self) -> bool:
+        """The recorded checkpoint is a local file that no longer exists (its run dir was removed, say);
+        one in a bucket is not looked up."""
+        return bool(self.checkpoint) and "://" not in self.checkpoint and not Path(self.checkpoint).exists()
+
 
 @dataclass
 class Event:

@@ -11,6 +11,7 @@ import csv
 import json
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -707,6 +708,45 @@ def test_resume_relaunches_unfinished_and_lost_jobs_from_the_submitted_code(tmp_
     for num in (1, 2):
         assert f"cwd {code}" in (plan.jobs[num].run_dir / "logs" / "rank0.log").read_text()
     assert not (plan.jobs[0].run_dir / "logs").exists()
+
+
+def test_resume_says_a_job_starts_over_when_its_recorded_checkpoint_is_gone(tmp_path, capsys):
+    """A run dir removed by hand (to free space, say): status and resume used to promise the checkpoint
+    step the registry last saw, and the job then started from step 0."""
+    reg_path = tmp_path / "registry.sqlite"
+    plan = local_plan(tmp_path, "gone", [(1, 0.01, 0), (1, 0.01, 0)])
+    kept = plan.jobs[1].run_dir / "checkpoints" / "ckpt_00000030.pth"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"x")
+    lost = plan.jobs[0].run_dir / "checkpoints" / "ckpt_00000025.pth"
+    with Registry(reg_path) as r:
+        r.record_sweep(plan, command_line="x", overrides=[], cwd="/", code_dir=None)
+        r.update(
+            "gone",
+            [
+                Observation(0, state="CANCELLED", exit_code=130, checkpoint=str(lost)),
+                Observation(1, state="CANCELLED", exit_code=130, checkpoint=str(kept)),
+            ],
+        )
+    assert ctl.main(["--registry", str(reg_path), "status", "gone"]) == 0
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert rows[0].rstrip().endswith("step 25 (gone)") and rows[1].rstrip().endswith("step 30"), rows
+    for job in plan.jobs:
+        sweep.write_job_config(job)
+    assert ctl.main(["--registry", str(reg_path), "resume", "gone"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"job 0 (seed=0) was CANCELLED (exit 130): again from the start: its checkpoint {lost} is gone" in out
+    )
+    assert "job 1 (seed=1) was CANCELLED (exit 130): again from checkpoint step 30" in out
+
+    shutil.rmtree(plan.sweep_dir)
+    assert ctl.main(["--registry", str(reg_path), "logs", "gone", "0"]) == 2
+    log = plan.jobs[0].run_dir / "logs" / "rank0.log"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: no log at {log}: the sweep's runs dir {plan.sweep_dir} is gone"
+    )
 
 
 def test_a_tpu_job_whose_launcher_was_killed_is_failed_with_the_reason_and_no_longer_left_alone(
