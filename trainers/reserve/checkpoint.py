@@ -122,9 +122,10 @@ class Checkpointer:
         return write_failed(posixpath.join(self.directory, str(step)), reason, kept)
 
     def close(self) -> None:
-        if self._failed is not None:  # Orbax would raise the failed save's error again
-            with contextlib.suppress(Exception):
-                self.manager.close()
+        if self._failed is not None:
+            # Not closed: Orbax would raise the failed save's error again, and closing its event loop
+            # while its writer threads still finish other arrays makes each print a traceback. The
+            # process is about to end anyway.
             return
         with self._write_errors(self._in_flight):
             self.manager.close()

@@ -359,6 +359,20 @@ class Run:
             )  # fmt: skip
 
 
+def _quiet_closed_loop(hook):
+    """sys.unraisablehook `hook` without the "Event loop is closed" errors of a failed Orbax save. Its
+    event loop closes at the first write that fails while tensorstore still finishes the other arrays'
+    writes; each of their callbacks then fails to reach the loop, and tensorstore reports that as an
+    unraisable error: one traceback per array, burying the one line that says why the save failed."""
+
+    def quiet(unraisable) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return quiet
+
+
 def train(config_path: str) -> int:
     job = load_config(config_path)
     stop = StopSignal()  # first: a signal during the slow set-up still ends in a clean requeue
@@ -368,6 +382,7 @@ def train(config_path: str) -> int:
     received, stop = stop.received, StopSignal()
     stop.received = received
     setup_logging(env.process_index)
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     # Orbax logs every file it writes at INFO, and a failed save at ERROR from each of its threads (with
     # asyncio's "Task exception was never retrieved" for each array); the error itself reaches the loop.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
