@@ -320,6 +320,14 @@ def test_flags_work_wherever_they_are_typed(tmp_path):
             "error: backend.array_parallelism must be 0 or more, got -2",
         ),
         (["backend=slurm", "backend.time_min=-5"], "error: backend.time_min must be 0 or more, got -5"),
+        (
+            ["trainer.optim.lr=-1e-4"],
+            "error: trainer=singularity: trainer.optim.lr must be >= 0, got -0.0001",
+        ),
+        (
+            ["trainer=reserve", "trainer.optim.betas=[0.9,1.5]"],
+            "error: trainer=reserve: trainer.optim.betas must be two numbers in [0, 1), got [0.9, 1.5]",
+        ),
     ],
 )
 def test_values_a_job_cannot_run_with_are_refused_at_plan_time(tmp_path, args, expected):

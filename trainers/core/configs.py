@@ -109,7 +109,8 @@ class BertTextConfig:
 
 def check_counts(config: Any, *batch_sizes: str) -> None:
     """The counts every trainer loops over, checked the same way: `epochs` >= 0 (0: evaluate only),
-    `batch_size` and the other named batch sizes >= 1, `num_workers` (where there is one) >= 0."""
+    `batch_size` and the other named batch sizes >= 1, `num_workers` (where there is one) >= 0; and
+    the optimizer's numbers: lr, weight decay, warmup and the final lr factor >= 0, betas in [0, 1)."""
     if config.epochs < 0:
         raise ValueError(f"trainer.epochs must be >= 0 (0: evaluate only), got {config.epochs}")
     for name in ("batch_size", *batch_sizes):
@@ -118,6 +119,16 @@ def check_counts(config: Any, *batch_sizes: str) -> None:
     workers = getattr(config, "num_workers", 0)
     if workers < 0:
         raise ValueError(f"trainer.num_workers must be >= 0 (0: load in the training process), got {workers}")
+    optim = getattr(config, "optim", None)
+    if optim is None:
+        return
+    for name in ("lr", "weight_decay", "warmup_epochs", "min_lr_multi"):
+        value = getattr(optim, name, 0.0)
+        if not value >= 0:  # NaN too
+            raise ValueError(f"trainer.optim.{name} must be >= 0, got {value}")
+    betas = tuple(optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"trainer.optim.betas must be two numbers in [0, 1), got {list(betas)}")
 
 
 def require_answer_list(dataset: Mapping[str, Any], family: str) -> None:
