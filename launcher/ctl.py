@@ -619,7 +619,12 @@ def plot(sweep: Sweep, jobs: list[Job], keys: list[str], path: Path) -> None:
 def cmd_report(reg: Registry, args: argparse.Namespace) -> int:
     sweep = refresh(reg, reg.resolve(args.sweep))
     out = Path(args.out) if args.out else Path(sweep.runs_dir) / "report"
-    paths = write_report(reg, sweep, out)
+    try:
+        paths = write_report(reg, sweep, out)
+    except OSError as e:
+        raise CtlError(
+            f"cannot write the report to {out}: {e.strerror or e}; give --out a directory you can write"
+        ) from None
     print(paths["table"].read_text().rstrip())
     print()
     for what in ("png", "csv", "json", "table"):

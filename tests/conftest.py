@@ -61,6 +61,15 @@ def pytest_xdist_make_scheduler(config, log):
     return SerialGroups(config, log)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_registry(tmp_path_factory):
+    """Never the user's registry: also not for the module-scoped fixtures that copy os.environ before
+    `_private_registry` runs (a launch from one of them used to record its sweep in ~/.local/share)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLAUNCH_REGISTRY", str(tmp_path_factory.mktemp("registry") / "registry.sqlite"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _private_registry(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VLAUNCH_REGISTRY", str(tmp_path_factory.mktemp("registry") / "registry.sqlite"))

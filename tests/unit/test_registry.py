@@ -450,6 +450,13 @@ def test_local_sweep_records_pids_exit_codes_and_metrics_then_report(tmp_path, m
     document = json.loads(paths["json"].read_text())
     assert document["sweep"]["id"] == "loc" and document["jobs"][1]["exit_code"] == 3
     assert "R@1 (chance)" in paths["table"].read_text()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert ctl.main(["--registry", str(reg_path), "report", "loc", "--out", str(blocked / "report")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot write the report to {blocked / 'report'}: Not a directory; give --out a directory "
+        "you can write"
+    )
 
     # resubmit --failed runs job 1 again (same run dir); its cause fixed, it completes.
     cmd = reg_command = json.loads(sqlite3.connect(reg_path).execute(
