@@ -299,10 +299,7 @@ class Registry:
         except sqlite3.DatabaseError as e:  # not an SQLite file, a damaged one, locked for too long
             conn.close()
             if "locked" in str(e) or "busy" in str(e):
-                raise RegistryError(
-                    f"the registry {self.path} stayed locked for {self.busy_timeout_s:.0f} s: another vlaunch "
-                    "process holds it; try again"
-                ) from None
+                raise self._locked() from None
             raise RegistryError(
                 f"cannot use the registry {self.path}: {e}; name another file with registry= or "
                 "$VLAUNCH_REGISTRY (or move this one away to start an empty registry)"
@@ -331,6 +328,12 @@ class Registry:
             version = SCHEMA_VERSION
         return version
 
+    def _locked(self) -> RegistryError:
+        return RegistryError(
+            f"the registry {self.path} stayed locked for {self.busy_timeout_s:g} s: another vlaunch "
+            "process holds it; try again"
+        )
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -346,7 +349,12 @@ class Registry:
     def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the write lock from its start."""
         conn = conn or self.conn
-        _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), self.busy_timeout_s)
+        try:
+            _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), self.busy_timeout_s)
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise self._locked() from None
+            raise
         try:
             yield conn
         except BaseException:

@@ -717,6 +717,25 @@ def test_resume_relaunches_unfinished_and_lost_jobs_from_the_submitted_code(tmp_
     assert not (plan.jobs[0].run_dir / "logs").exists()
 
 
+def test_a_registry_another_process_keeps_locked_is_one_line_and_nothing_is_recorded(tmp_path):
+    """Before, the first write past the busy timeout ended the launch in sqlite3's traceback."""
+    path = tmp_path / "registry.sqlite"
+    Registry(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with Registry(path, busy_timeout_s=0.3) as r, pytest.raises(registry.RegistryError) as caught:
+            record(r, make_plan(tmp_path, "locked", 1))
+        assert str(caught.value) == (
+            f"the registry {path} stayed locked for 0.3 s: another vlaunch process holds it; try again"
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with Registry(path) as r:
+        assert r.sweeps() == []
+
+
 def test_resume_says_a_job_starts_over_when_its_recorded_checkpoint_is_gone(tmp_path, capsys):
     """A run dir removed by hand (to free space, say): status and resume used to promise the checkpoint
     step the registry last saw, and the job then started from step 0."""
