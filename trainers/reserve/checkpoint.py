@@ -15,6 +15,7 @@ import contextlib
 import logging
 import posixpath
 import re
+import threading
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -22,6 +23,7 @@ import orbax.checkpoint as ocp
 from trainers.core.checkpoint import CheckpointError, write_failed
 
 log = logging.getLogger("trainers.reserve.checkpoint")
+NOTICE_EVERY_S = 60.0  # a save or wait blocked this long logs a warning, and again every as long
 
 # How Orbax (through tensorstore) reports a write the filesystem or the bucket refused: a status code,
 # and for a local file the OS's reason before the errno (`...: No space left on device [os_error_code=..`).
@@ -94,6 +96,19 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def _write_errors(self, step: int | None):
+        done = threading.Event()
+        pending = self._in_flight if self._in_flight is not None else step
+
+        def notice() -> None:  # a store that is down is retried for many minutes: say so meanwhile
+            waited = 0.0
+            while not done.wait(NOTICE_EVERY_S):
+                waited += NOTICE_EVERY_S
+                log.warning(
+                    "checkpoint step %s is still being written to %s after %.3g s: the storage is slow or "
+                    "unreachable (it is retried)", pending, self.directory, waited,
+                )  # fmt: skip
+
+        threading.Thread(target=notice, name="checkpoint-notice", daemon=True).start()
         try:
             yield
         except Exception as e:
@@ -104,6 +119,8 @@ class Checkpointer:
             step = self._in_flight if self._in_flight is not None else step
             self._failed = self._explain(step, e)
             raise self._failed from None
+        finally:
+            done.set()
 
     def _explain(self, step: int | None, error: Exception) -> CheckpointError:
         found = _OS_REASON.search(str(error))

@@ -387,6 +387,9 @@ def train(config_path: str) -> int:
     # asyncio's "Task exception was never retrieved" for each array); the error itself reaches the loop.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # gcsfs logs each request it gives up on with a traceback; the error also reaches its caller, which
+    # reports it (a save that keeps failing says so once a minute: checkpoint.NOTICE_EVERY_S).
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     logging.getLogger("fsspec").setLevel(logging.WARNING)  # and fsspec every read-ahead cache it opens
     log.info(
         "reserve on %s: process %d of %d (%s), %d local / %d global devices",
