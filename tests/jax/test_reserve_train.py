@@ -145,7 +145,9 @@ def test_a_tiny_run_learns_tvqa_above_chance(cache, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{64}", digests(tmp_path / "run", 1)[0])
 
 
-def test_two_processes_survive_sigterm_on_gcs_and_match_an_uninterrupted_run(cache, tmp_path, fake_gcs):
+def test_two_processes_survive_sigterm_and_a_damaged_checkpoint_on_gcs_and_end_as_an_uninterrupted_run(
+    cache, tmp_path, fake_gcs
+):
     from trainers.core import storage
 
     gcs_env = fake_gcs.env()
@@ -158,22 +160,35 @@ def test_two_processes_survive_sigterm_on_gcs_and_match_an_uninterrupted_run(cac
     output = f"{base}/preempted/jobs/0"
     config = write_config(tmp_path / "preempted", trainer, output)
     pod = Pod(config, cache, gcs_env, tag="first")
-    pod.wait_for(1, r"step 2/10 ")
+    pod.wait_for(1, r"step 5/10 ")  # after the save at step 4
     pod.procs[1].send_signal(signal.SIGTERM)
     assert pod.wait() == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
     stopped = [int(re.search(r"stopped at step (\d+)", pod.log(i)).group(1)) for i in range(2)]
-    assert stopped[0] == stopped[1] and 2 <= stopped[0] < 10
+    assert stopped[0] == stopped[1] and 5 <= stopped[0] < 10
     step = stopped[0]
     ckpts = f"{output}/checkpoints"
     assert storage.exists(f"{ckpts}/{step}/commit_success.txt")  # committed before exiting
     # A save cut short (no commit marker) must be ignored on resume.
     storage.write_text(f"{ckpts}/999/state/manifest.ocdbt", "half written")
     assert not (tmp_path / "preempted" / "metrics.json").exists()
+    # And the stop step damaged after its commit (its array data deleted from the bucket): both hosts
+    # must agree to go back to the committed step before it.
+    fs, state_dir = storage.filesystem(f"{ckpts}/{step}/state")
+    chunks = [path for path in fs.find(state_dir) if "/d/" in path]
+    assert chunks
+    fs.rm(chunks)
+    before = max(s for s in (4, 8) if s < step)
 
-    # Restarted (the launcher recreates the TPU and runs the same command): resumes at the committed step.
+    # Restarted (the launcher recreates the TPU and runs the same command): resumes at the committed step
+    # before the damaged one, and ends with the parameters of the uninterrupted run all the same.
     pod = Pod(config, cache, gcs_env, tag="second")
     assert pod.wait() == [0, 0], pod.log(0)[-3000:]
-    assert f"starting at step {step} of 10 (own checkpoint step {step})" in pod.log(0)
+    for i in range(2):
+        assert f"checkpoint step {step} cannot be restored" in pod.log(i), pod.log(i)[-3000:]
+        assert (
+            f"starting at step {before} of 10 (own checkpoint step {before}; newer step(s) [{step}]"
+            in pod.log(i)
+        )
     assert straight_pod.wait() == [0, 0], straight_pod.log(0)[-3000:]
     expected = digests(tmp_path / "straight", 2)
     assert expected[0] == expected[1]  # replicated parameters, identical on both hosts
@@ -181,6 +196,39 @@ def test_two_processes_survive_sigterm_on_gcs_and_match_an_uninterrupted_run(cac
     # Process 0 also published the outputs under output_url.
     assert storage.exists(f"{output}/metrics.json")
     assert storage.read_text(f"{output}/status/params.rank0.sha256").strip() == expected[0]
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before_to_the_same_parameters(cache, tmp_path):
+    """Before, a committed step whose data was damaged afterwards (a shard deleted from the bucket) failed
+    every resume of the job; now the run goes back to the step before and ends where it would have. (With
+    2 hosts on the bucket: test_two_processes_survive_sigterm_and_a_damaged_checkpoint_on_gcs_and_end_as_an_uninterrupted_run.)"""
+    trainer = {"epochs": 2, "log_every": 1, "save_every": 4, "eval_split": "none"}
+    config = write_config(tmp_path / "run", trainer)
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "trainers.reserve", str(config)],
+            cwd=ROOT, env=env_for(cache), capture_output=True, text=True, timeout=TIMEOUT_S,
+        )  # fmt: skip
+
+    first = run()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    expected = digests(tmp_path / "run", 1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [16, 20]
+    for chunk in (checkpoints / "20" / "state").rglob("d/*"):  # the array data; metadata left intact
+        chunk.unlink()
+    (tmp_path / "run" / "status" / "params.rank0.sha256").unlink()
+
+    again = run()
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert re.search(r"checkpoint step 20 cannot be restored \(.+\); trying step 16", out), out[-3000:]
+    assert (
+        "starting at step 16 of 20 (own checkpoint step 16; newer step(s) [20] could not be restored" in out
+    )
+    assert digests(tmp_path / "run", 1) == expected
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [16, 20]
 
 
 def test_a_checkpoint_the_disk_cannot_hold_ends_the_run_in_one_line(cache, tmp_path):

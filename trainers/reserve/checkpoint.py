@@ -86,6 +86,11 @@ class Checkpointer:
         )
         return out["state"], dict(out["meta"])
 
+    def delete(self, step: int) -> None:
+        """Remove committed `step` (every process calls it: Orbax's primary host deletes, all sync)."""
+        self.wait()
+        self.manager.delete(step)
+
     def wait(self) -> None:
         """Block until every save started so far is committed (CheckpointError when one was not)."""
         if self._failed is not None:  # reported once already; Orbax has given up on that save

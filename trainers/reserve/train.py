@@ -201,15 +201,9 @@ class Run:
 
         from trainers.reserve.checkpoint import Checkpointer, resolve_resume_from
 
-        latest = checkpointer.latest_step()
-        if latest is not None:  # 1. our own latest committed step
-            state, meta = checkpointer.restore(latest, self.abstract_state)
-            return (
-                state,
-                int(meta["step"]),
-                float(meta.get("loss", math.nan)),
-                f"own checkpoint step {latest}",
-            )
+        own = self._own_checkpoint(checkpointer)
+        if own is not None:  # 1. our own newest committed step that every host can restore
+            return own
         if self.cfg.resume_from:  # 2. an explicit checkpoint
             directory, step = resolve_resume_from(self.cfg.resume_from)
             other = Checkpointer(directory, read_only=True, asynchronous=False)
@@ -235,6 +229,41 @@ class Run:
             }
             return state, 0, math.nan, f"pretrained {self.cfg.pretrained}"
         return state, 0, math.nan, f"initialization from seed {self.seed}"  # 4.
+
+    def _own_checkpoint(self, checkpointer) -> tuple[Any, int, float, str] | None:
+        """The newest committed step of our own checkpoints that every host restores, as initial_state
+        returns it; None when there is none. A step damaged since its commit (a shard deleted from the
+        bucket, a truncated file) is skipped for the one before it, as the PyTorch trainers do, and
+        deleted once an older one restored (the run saves that step again). The hosts agree on each
+        step through a collective, so all of them start from the same one. When no step restores (a
+        changed model config, say), nothing is deleted."""
+        from trainers.core.checkpoint import CheckpointError
+
+        steps = sorted(checkpointer.all_steps(), reverse=True)
+        for n, step in enumerate(steps):
+            try:
+                state, meta = checkpointer.restore(step, self.abstract_state)
+                failure = ""
+            except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many kinds
+                failure = " ".join(str(e).split(" [tensorstore_spec")[0].split())[:300] or type(e).__name__
+            if not distributed.any_process(bool(failure)):
+                for damaged in steps[:n]:
+                    checkpointer.delete(damaged)
+                origin = f"own checkpoint step {step}"
+                if n:
+                    origin += f"; newer step(s) {steps[:n]} could not be restored and were deleted"
+                return state, int(meta["step"]), float(meta.get("loss", math.nan)), origin
+            log.warning(
+                "checkpoint step %d cannot be restored (%s); trying %s", step, failure or "on another host",
+                f"step {steps[n + 1]}" if n + 1 < len(steps) else "nothing older",
+            )  # fmt: skip
+        if steps:
+            raise CheckpointError(
+                f"none of the committed checkpoints in {checkpointer.directory} (steps {steps}) can be "
+                "restored (the warnings above say why): if the model config changed, resubmit with the "
+                "one they were saved with; else remove them to start over"
+            )
+        return None
 
     def _replicate(self, value) -> Any:
         """A host value (the same on every process) as a replicated global jax.Array."""
