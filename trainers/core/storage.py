@@ -52,8 +52,8 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
 
 
 def free_space(path: str | os.PathLike) -> str:
-    """ ", N MiB free there" for the filesystem of a local `path` (or its nearest existing parent), for
-    messages about a write that failed; "" for a URL or when it cannot be told."""
+    """The clause ", N MiB free there" for the filesystem of a local `path` (or of its nearest existing
+    parent), for messages about a write that failed; "" for a URL, or when it cannot be told."""
     if is_remote(path):
         return ""
     where = Path(path)
