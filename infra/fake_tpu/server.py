@@ -48,7 +48,7 @@ Test hooks, not part of the real API (all JSON):
     POST   /_fake/nodes/{n}:preempt      (or /_fake/projects/{p}/locations/{z}/nodes/{n}:preempt)
            a spot/preemptible node -> PREEMPTED, its queued resource -> SUSPENDED (initiator SERVICE)
     POST   /_fake/quota   {"cores": 16 | null, "reject_at": "operation" | "request"}
-    GET    /_fake/config; POST /_fake/config {any FakeTpuConfig field: value}
+    GET    /_fake/config; POST /_fake/config {any FakeTpuConfig field: value} (refuse_deletes: an outage)
     GET    /_fake/requests  -> {"requests": [{method, path, query, body}, ...]} API requests in order
     DELETE /_fake/requests; POST /_fake/reset (forget all resources and requests)
 
@@ -123,6 +123,8 @@ class FakeTpuConfig:
     endpoint_port: int = 8470  # the port the real API reports on every networkEndpoint
     quota_cores: int | None = None  # None: unlimited
     quota_reject_at: str = "operation"  # or "request": refuse the create call itself with HTTP 429
+    # A canonical code (e.g. "UNAVAILABLE") every delete call is answered with, as in an outage; None: none.
+    refuse_deletes: str | None = None
 
 
 # Google's canonical codes: name -> (HTTP status, google.rpc.Code number).
@@ -133,6 +135,7 @@ _CODES = {
     "ALREADY_EXISTS": (409, 6),
     "RESOURCE_EXHAUSTED": (429, 8),
     "UNIMPLEMENTED": (501, 12),
+    "UNAVAILABLE": (503, 14),
 }
 
 # Enum fields we emit, name -> number (as in google/cloud/tpu/v2/cloud_tpu.proto).
@@ -877,6 +880,8 @@ class _Handler(BaseHTTPRequestHandler):
             return state.page([view(n) for n in state.list_nodes(parent)], "nodes", query)
         if route == ("GET", "nodes", True):
             return view(state.get_node(name))
+        if method == "DELETE" and state.config.refuse_deletes:
+            raise ApiError(state.config.refuse_deletes, "The service is currently unavailable.")
         if route == ("DELETE", "nodes", True):
             return state.delete_node(name, now)
         if route == ("POST", "queuedResources", False):

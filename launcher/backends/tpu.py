@@ -647,19 +647,25 @@ def _run_job(
     except KeyboardInterrupt as e:
         cancelled = isinstance(e, JobCancelled)
         print(f"\n  job {job.num}: {'cancelled (vlaunch-ctl cancel)' if cancelled else 'interrupted'}")
-        _teardown(tpu, resources, ok=False)
+        # Recorded before the teardown, which may fail (the API down): the job has ended all the same.
         if on_change is not None:
             on_change(job.num, CANCELLED, None, None)
+        _teardown(tpu, resources, ok=False)
         if not cancelled:
             raise
         registry.cancel_requested(job.run_dir, take=True)
         return JobResult(job.num, job.label, CANCELLED)
     except Exception:
-        _teardown(tpu, resources, ok=False)
         if on_change is not None:
             on_change(job.num, FAILED, None, None)
+        _teardown(tpu, resources, ok=False)
         raise
-    _teardown(tpu, resources, ok=state == COMPLETED)
+    try:
+        _teardown(tpu, resources, ok=state == COMPLETED)
+    except BaseException:
+        if on_change is not None:
+            on_change(job.num, state, None, code_out)
+        raise
     _copy_outputs(job)
     log = job.run_dir / "logs" / f"worker{failed_worker or 0}.log"
     note = f" ({ended_by})" if ended_by else ""

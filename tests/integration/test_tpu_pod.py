@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -246,6 +247,28 @@ def test_ctrl_c_stops_the_hosts_and_deletes_the_queued_resource(pod):
     TpuClient(PROJECT, ZONE, endpoint=fake.url, poll_interval_s=0.1).delete_queued_resource(kept["name"])
 
 
+def test_an_interrupted_job_whose_tpu_cannot_be_deleted_is_recorded_cancelled(pod):
+    """The API is down when Ctrl-C comes (every delete answers UNAVAILABLE). Before, the teardown's error
+    came before the job's end was recorded, and the registry kept it RUNNING for good."""
+    fake = pod["fake"]
+    proc = launch(pod)
+    read_until(proc, lambda: any("starting at step" in line for line in proc.lines))
+    _post(fake, "/_fake/config", {"refuse_deletes": "UNAVAILABLE"})
+    try:
+        proc.send_signal(signal.SIGINT)
+        code, text = finish(proc)
+    finally:
+        _post(fake, "/_fake/config", {"refuse_deletes": None})
+    assert code == 2, text[-4000:]
+    assert re.search(r"error: Cloud TPU API: cannot delete TPU .+: UNAVAILABLE: ", text), text[-4000:]
+    from launcher.registry import Registry
+
+    reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
+    assert [j.state for j in reg.jobs(reg.resolve("latest").id)] == ["CANCELLED"]
+    # The TPU is still there, as the error says (the autouse fixture deletes it).
+    assert _get(fake, f"/v2/projects/{PROJECT}/locations/{ZONE}/nodes").get("nodes")
+
+
 def test_kill_stops_every_job_of_a_parallel_sweep_and_deletes_their_tpus(pod):
     """backend.max_parallel=2: both jobs train at once, each on its own TPU (one host each here); kill
     stops both at a checkpoint and deletes both TPUs. (The scheduling itself: test_tpu_parallel.py.)"""
@@ -333,4 +356,15 @@ def _get(fake, path: str) -> dict:
     import urllib.request
 
     with urllib.request.urlopen(fake.url + path, timeout=10) as r:
+        return json.load(r)
+
+
+def _post(fake, path: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        fake.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.load(r)
