@@ -298,7 +298,7 @@ class Registry:
             version = self._prepare(conn)
         except sqlite3.DatabaseError as e:  # not an SQLite file, a damaged one, locked for too long
             conn.close()
-            if "locked" in str(e) or "busy" in str(e):
+            if _busy(e):
                 raise self._locked() from None
             raise RegistryError(
                 f"cannot use the registry {self.path}: {e}; name another file with registry= or "
@@ -352,7 +352,7 @@ class Registry:
         try:
             _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), self.busy_timeout_s)
         except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
+            if _busy(e):
                 raise self._locked() from None
             raise
         try:
@@ -613,6 +613,11 @@ def _make_private_dirs(directory: Path) -> None:
             d.mkdir(mode=0o700)
 
 
+def _busy(error: sqlite3.Error) -> bool:
+    """SQLite's `database is locked` / `database is busy`: another connection holds the lock."""
+    return "locked" in str(error) or "busy" in str(error)
+
+
 def _retry_busy(step: Callable[[], Any], timeout_s: float) -> Any:
     """Run a statement SQLite may refuse with `database is locked` before its busy handler applies."""
     deadline = time.monotonic() + timeout_s
@@ -621,7 +626,7 @@ def _retry_busy(step: Callable[[], Any], timeout_s: float) -> Any:
         try:
             return step()
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+            if not _busy(e) or time.monotonic() > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.2)

@@ -322,9 +322,12 @@ def run_plan(
     except OSError as e:  # a full disk, or a runs_root this user cannot write
         remove_hydra_leftovers(plan.sweep_dir)
         where = e.filename2 or e.filename or plan.sweep_dir.parent  # copyfile: (source, destination)
+        from trainers.core.storage import out_of_space
+
+        fix = "free some space there or " if out_of_space(e) else ""
         raise LaunchError(
             f"cannot snapshot the code under {plan.sweep_dir.parent}: {e.strerror or e} ({where}); nothing "
-            "was submitted: free some space there or set runs_root= to another directory"
+            f"was submitted: {fix}set runs_root= to another directory"
         ) from None
     # The registry first: it refuses a sweep id it holds already, and one it cannot use, before a
     # run dir is written.

@@ -233,6 +233,19 @@ def test_a_cache_the_disk_cannot_hold_fails_in_one_line_and_leaves_nothing(tmp_p
     assert [p.name for p in root.parent.iterdir()] == [f".{root.name}.lock"]  # no half-written dataset
 
 
+def test_a_cache_this_user_cannot_write_is_not_told_to_free_space(tmp_path):
+    def refused(tmp: Path) -> None:  # as a read-only or foreign cache dir answers
+        raise PermissionError(13, "Permission denied", str(tmp / "videos"))
+
+    with pytest.raises(sd.DataError) as caught:
+        sd.build_once(tmp_path / "x", refused, lambda p: False, "sample dataset x")
+    assert str(caught.value).startswith(
+        f"cannot write the sample dataset x under {tmp_path}: Permission denied"
+    )
+    assert str(caught.value).endswith("; set VLAUNCH_DATA_CACHE= to a directory with room")
+    assert [p.name for p in tmp_path.iterdir()] == [".x.lock"]  # nothing half-written
+
+
 def test_cache_location_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(sd.CACHE_ENV, str(tmp_path))
     assert sd.sample_data_root("didemo") == tmp_path / f"v{sd.FORMAT_VERSION}" / "didemo"

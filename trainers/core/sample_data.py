@@ -250,12 +250,8 @@ def ensure_sample_data(
     Safe to call from many processes at once: one generates, the others wait on a lock and reuse it.
     ``scale`` multiplies the number of videos (tests use small scales; each scale has its own root).
     """
-    root = sample_data_root(name, cache_dir, scale)
-    if is_complete(root):
-        logger.info("reusing sample dataset %s at %s", name, root)
-        return root
     return build_once(
-        root,
+        sample_data_root(name, cache_dir, scale),
         lambda tmp: generate_sample_data(name, tmp, scale=scale, progress=progress),
         is_complete,
         f"sample dataset {name}",
@@ -272,6 +268,9 @@ def build_once(
     build killed midway leaves only its temporary dir, removed by the next one. A filesystem that refuses
     the writes (full, read-only) raises DataError in one line, with nothing left behind.
     """
+    if complete(root):
+        logger.info("reusing %s at %s", what, root)
+        return root
     stem = root.name.lstrip(".")  # hidden roots too: `.x.lock`, not `..x.lock`
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -301,9 +300,10 @@ def build_once(
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     except OSError as e:  # a full disk, a quota, a cache dir this user cannot write
+        fix = "free some space there or " if storage.out_of_space(e) else ""
         raise DataError(
             f"cannot write the {what} under {root.parent}: {e.strerror or e}{storage.free_space(root.parent)}; "
-            f"free some space there or set {CACHE_ENV}= to a directory with room"
+            f"{fix}set {CACHE_ENV}= to a directory with room"
         ) from None
 
 

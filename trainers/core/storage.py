@@ -15,6 +15,7 @@ before gcsfs is first imported unless the user set it.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import posixpath
@@ -49,6 +50,12 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
     import fsspec.core
 
     return fsspec.core.url_to_fs(str(path))
+
+
+def out_of_space(error: OSError) -> bool:
+    """Whether a failed write ran out of room (a full disk, a quota, a file size limit), so that
+    freeing space fixes it; not for permissions or a read-only filesystem."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def free_space(path: str | os.PathLike) -> str:

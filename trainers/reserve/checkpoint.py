@@ -120,9 +120,8 @@ class Checkpointer:
             message = str(e)
             if not (isinstance(e, OSError) or _STORE_ERROR.search(message)):
                 raise
-            # A background save that failed surfaces at the next call: name that save's step.
-            step = self._in_flight if self._in_flight is not None else step
-            self._failed = self._explain(step, e)
+            # A background save that failed surfaces at the next call: `pending` names that save's step.
+            self._failed = self._explain(pending, e)
             raise self._failed from None
         finally:
             done.set()

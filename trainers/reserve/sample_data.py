@@ -92,8 +92,6 @@ def ensure_sample_data(name: str, scale: float = 1.0, cache_dir: str | os.PathLi
     if name not in CONCEPTS:
         raise ValueError(f"no sample data for {name!r}; valid: {sorted(CONCEPTS)}")
     root = sample_root(name, scale, cache_dir)
-    if is_complete(root):
-        return root
 
     def build(tmp: Path) -> None:
         generate(name, tmp, scale)

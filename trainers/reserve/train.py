@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from trainers.core import storage, tracking
+from trainers.core.checkpoint import CheckpointError
 from trainers.core.job import (
     REQUEUE_EXIT_CODE,
     Progress,
@@ -237,8 +238,6 @@ class Run:
         deleted once an older one restored (the run saves that step again). The hosts agree on each
         step through a collective, so all of them start from the same one. When no step restores (a
         changed model config, say), nothing is deleted."""
-        from trainers.core.checkpoint import CheckpointError
-
         steps = sorted(checkpointer.all_steps(), reverse=True)
         for n, step in enumerate(steps):
             try:
@@ -442,8 +441,6 @@ def main() -> None:
     argv = sys.argv[1:]
     if len(argv) != 1:
         raise SystemExit("usage: python -m trainers.reserve <run_dir>/config.yaml")
-    from trainers.reserve.checkpoint import CheckpointError
-
     try:
         code = train(argv[0])
     except CheckpointError as e:  # a full disk, a bucket this job cannot write: the line says which
