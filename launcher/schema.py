@@ -83,7 +83,7 @@ class TpuBackend:
     zone: str | None = None
     bucket: str | None = None  # gs://bucket[/prefix]: staging, checkpoints, metrics
     accelerator_type: str | None = None  # v4-8, v4-16, v5litepod-16, ...
-    runtime_version: str | None = None
+    runtime_version: str | None = None  # default: the one Google documents for the type's generation
     capacity: str | None = None  # on_demand | spot | preemptible | guaranteed | reserved
     queued: bool | None = None  # ask through a queued resource (needed for guaranteed / reserved)
     reservation: str | None = None  # capacity=reserved with a queued resource: the reservation's id
@@ -144,7 +144,6 @@ SITE_FALLBACKS: dict[str, dict[str, Any]] = {
 }
 
 _TPU_FALLBACKS: dict[str, Any] = {
-    "runtime_version": "tpu-ubuntu2204-base",
     "capacity": "on_demand",
     "queued": False,
     "ready_timeout_s": 1800,

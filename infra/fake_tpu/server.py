@@ -18,6 +18,12 @@ client does):
     GET    /v2/projects/{p}/locations/{z}/queuedResources[/{q}]
     DELETE /v2/projects/{p}/locations/{z}/queuedResources/{q}[?force=true]
     GET    /v2/projects/{p}/locations/{z}/operations/{o}              -> Operation (done, response|error)
+    GET    /v2/projects/{p}/locations/{z}/acceleratorTypes[/{t}]      -> {acceleratorTypes, nextPageToken}
+    GET    /v2/projects/{p}/locations/{z}/runtimeVersions[/{v}]       -> {runtimeVersions, nextPageToken}
+
+The accelerator types offered are the keys of `FakeTpuConfig.workers`, the runtime versions
+`FakeTpuConfig.runtime_versions`, in every zone; creating a node (or queued resource) with a type or
+version not offered is refused with INVALID_ARGUMENT (the wording of those two messages is ours).
 
 Errors are Google's JSON error bodies, `{"error": {"code": 409, "message": ..., "status":
 "ALREADY_EXISTS"}}`; unknown fields in a request body are refused the way Google's front end
@@ -106,6 +112,28 @@ DEFAULT_WORKERS: dict[str, int] = {
 }
 
 
+# TPU software versions the fake offers: the ones Google documents for JAX and PyTorch per generation
+# (cloud.google.com/tpu/docs/runtimes), the older TPU VM base image and a TensorFlow one.
+DEFAULT_RUNTIME_VERSIONS = (
+    "tpu-ubuntu2204-base",
+    "tpu-vm-base",
+    "v2-alpha-tpuv5",
+    "v2-alpha-tpuv5-lite",
+    "v2-alpha-tpuv6e",
+    "tpu-vm-tf-2.16.1-pjrt",
+)
+# AcceleratorConfig.Type numbers by generation (google/cloud/tpu/v2/cloud_tpu.proto).
+_ACCELERATOR_CONFIG_TYPE = {"v2": 2, "v3": 4, "v4": 7, "v5litepod": 9, "v5p": 10, "v6e": 11}
+_ACCELERATOR_CONFIG_NAME = {
+    "v2": "V2",
+    "v3": "V3",
+    "v4": "V4",
+    "v5litepod": "V5LITE_POD",
+    "v5p": "V5P",
+    "v6e": "V6E",
+}
+
+
 def _loopback_pool(first: str = "127.0.0.2", last: str = "127.0.0.254") -> list[str]:
     lo, hi = int(ipaddress.IPv4Address(first)), int(ipaddress.IPv4Address(last))
     return [str(ipaddress.IPv4Address(i)) for i in range(lo, hi + 1)]
@@ -125,6 +153,7 @@ class FakeTpuConfig:
     quota_reject_at: str = "operation"  # or "request": refuse the create call itself with HTTP 429
     # A canonical code (e.g. "UNAVAILABLE") every delete call is answered with, as in an outage; None: none.
     refuse_deletes: str | None = None
+    runtime_versions: list[str] = field(default_factory=lambda: list(DEFAULT_RUNTIME_VERSIONS))
 
 
 # Google's canonical codes: name -> (HTTP status, google.rpc.Code number).
@@ -164,7 +193,8 @@ _OP_METADATA_TYPE = _TYPE_PREFIX + "google.cloud.tpu.v2.OperationMetadata"
 _RESOURCE_ID = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _API_PATH = re.compile(
     r"^/v2/projects/(?P<project>[^/]+)/locations/(?P<zone>[^/]+)"
-    r"/(?P<collection>nodes|queuedResources|operations)(?:/(?P<id>[^/:]+))?$"
+    r"/(?P<collection>nodes|queuedResources|operations|acceleratorTypes|runtimeVersions)"
+    r"(?:/(?P<id>[^/:]+))?$"
 )
 _PREEMPT_PATH = re.compile(
     r"^/_fake/(?:projects/(?P<project>[^/]+)/locations/(?P<zone>[^/]+)/)?nodes/(?P<id>[^/:]+):preempt$"
@@ -474,8 +504,11 @@ class FakeTpuState:
                 "INVALID_ARGUMENT",
                 f"Accelerator type '{accelerator}' is not available in this zone (known: {known}).",
             )
-        if not node.get("runtimeVersion"):
+        runtime = node.get("runtimeVersion")
+        if not runtime:
             raise ApiError("INVALID_ARGUMENT", f"Invalid value at '{where}.runtime_version': must be set.")
+        if runtime not in self.config.runtime_versions:
+            raise ApiError("INVALID_ARGUMENT", f"Runtime version '{runtime}' is not available in this zone.")
         scheduling = node.get("schedulingConfig", {})
         if scheduling.get("spot") and scheduling.get("preemptible"):
             raise ApiError("INVALID_ARGUMENT", "A node cannot be both spot and preemptible.")
@@ -800,6 +833,30 @@ class FakeTpuState:
             out["nextPageToken"] = str(start + size)
         return out
 
+    def accelerator_types(self, parent: str, int_enums: bool) -> list[dict]:
+        out = []
+        for name in sorted(self.config.workers, key=lambda t: (t.rsplit("-", 1)[0], _cores(t))):
+            generation = name.rsplit("-", 1)[0]
+            kind = (_ACCELERATOR_CONFIG_TYPE if int_enums else _ACCELERATOR_CONFIG_NAME).get(generation)
+            entry: dict[str, Any] = {"name": f"{parent}/acceleratorTypes/{name}", "type": name}
+            if kind is not None:
+                entry["acceleratorConfigs"] = [{"type": kind}]
+            out.append(entry)
+        return out
+
+    def runtime_versions(self, parent: str) -> list[dict]:
+        return [
+            {"name": f"{parent}/runtimeVersions/{version}", "version": version}
+            for version in sorted(self.config.runtime_versions)
+        ]
+
+    @staticmethod
+    def one(items: list[dict], name: str, what: str) -> dict:
+        for item in items:
+            if item["name"] == name:
+                return item
+        raise ApiError("NOT_FOUND", f"{what} '{name.rsplit('/', 1)[-1]}' was not found.")
+
     def list_nodes(self, parent: str) -> list[dict]:
         return [
             copy.deepcopy(r["resource"]) for n, r in sorted(self.nodes.items()) if n.startswith(parent + "/")
@@ -895,6 +952,16 @@ class _Handler(BaseHTTPRequestHandler):
             return state.delete_queued_resource(name, query.get("force", "").lower() == "true", now)
         if route == ("GET", "operations", True):
             return state.operation_view(name, int_enums)
+        if method == "GET" and collection == "acceleratorTypes":
+            items = state.accelerator_types(parent, int_enums)
+            if resource_id is not None:
+                return state.one(items, name, "Accelerator type")
+            return state.page(items, "acceleratorTypes", query)
+        if method == "GET" and collection == "runtimeVersions":
+            items = state.runtime_versions(parent)
+            if resource_id is not None:
+                return state.one(items, name, "Runtime version")
+            return state.page(items, "runtimeVersions", query)
         raise ApiError("UNIMPLEMENTED", f"{method} {path} is not implemented by the fake Cloud TPU API.")
 
     def _admin(self, method: str, path: str, body: dict, now: float) -> tuple[int, dict]:

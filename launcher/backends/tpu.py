@@ -75,7 +75,7 @@ _KEY_LOCK = threading.Lock()  # jobs side by side (max_parallel) make the launch
 
 def check_resources(resources: dict[str, Any]) -> None:
     """Fail at plan time, on the laptop, on TPU settings that cannot work."""
-    from launcher.tpu.client import CAPACITIES
+    from launcher.tpu.client import CAPACITIES, default_runtime_version
 
     name = resources["name"]
     for key in ("project", "zone", "bucket"):
@@ -112,6 +112,8 @@ def check_resources(resources: dict[str, Any]) -> None:
     for key in ("max_retries", "ready_timeout_s", "stop_grace_s"):
         if int(resources[key]) < 0:
             raise LaunchError(f"backend.{key} must be 0 or more, got {resources[key]}")
+    if not resources.get("runtime_version"):
+        resources["runtime_version"] = default_runtime_version(resources["accelerator_type"])
     hosts = hosts_of(resources["accelerator_type"])
     if name == "tpu_vm" and hosts is not None and hosts > 1:
         raise LaunchError(
@@ -219,7 +221,7 @@ def staging_urls(plan: SweepPlan, job: JobPlan, resources: dict[str, Any]) -> tu
 def render(plan: SweepPlan) -> str:
     """What `apply` would do, for `--dry-run`: the exact API requests, what is staged where and
     the command every host runs. Pure: no API call, no upload, no key is made."""
-    from launcher.tpu.client import render_requests
+    from launcher.tpu.client import render_requests, runtime_mismatch
 
     lines = []
     for job in plan.jobs:
@@ -242,6 +244,9 @@ def render(plan: SweepPlan) -> str:
                 else ""
             )
         )
+        note = runtime_mismatch(resources["accelerator_type"], resources["runtime_version"])
+        if note:
+            lines.append(f"# note: {note}")
         if resources.get("tpu_name"):
             lines.append(f"# reuses TPU {name} when it exists and is READY; otherwise creates it:")
         lines.append(
@@ -323,6 +328,28 @@ def preflight(plan: SweepPlan) -> None:
     if first.get("gcs_endpoint"):
         os.environ.update(gcs_emulator_env(first["gcs_endpoint"]))  # our own staging and reads
     _check_endpoints(first)
+    _check_offered(plan)
+
+
+def _check_offered(plan: SweepPlan) -> None:
+    """The zone, accelerator type and runtime version of every job, asked of the API before anything
+    is staged or created (two list calls per zone); a runtime version meant for another generation
+    gets a note, since the API may take it and the TPU then fail obscurely."""
+    from launcher.tpu.client import TpuClient, runtime_mismatch
+
+    by_zone: dict[tuple, list] = {}
+    notes = set()
+    for job in plan.jobs:
+        resources = job.config["backend"]
+        zone = (resources["project"], resources["zone"], resources.get("api_endpoint"))
+        by_zone.setdefault(zone, []).append(tpu_spec(resources, "", {}))
+        note = runtime_mismatch(resources["accelerator_type"], resources["runtime_version"])
+        if note:
+            notes.add(note)
+    for note in sorted(notes):
+        print(f"note: {note}", file=sys.stderr)
+    for (project, zone, endpoint), specs in by_zone.items():
+        TpuClient(project, zone, endpoint=endpoint).check_offered(specs)
 
 
 def run(plan: SweepPlan, on_change=None) -> list[JobResult]:

@@ -36,11 +36,19 @@ from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.interrupts import Terminated, signals_stop_jobs
-from launcher.tpu.client import CAPACITIES, DEFAULT_ENDPOINT, TpuClient, TpuError, TpuSpec, render_requests
+from launcher.tpu.client import (
+    CAPACITIES,
+    DEFAULT_ENDPOINT,
+    TpuClient,
+    TpuError,
+    TpuSpec,
+    default_runtime_version,
+    render_requests,
+    runtime_mismatch,
+)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INSTALL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
-DEFAULT_RUNTIME = "tpu-ubuntu2204-base"
 DEFAULT_INSTALL = "{python} -m pip install --quiet '.[jax,tpu]'"
 DEFAULT_WORKDIR = "~/vlaunch"
 DEFAULT_KEY_DIR = "~/.ssh/vlaunch"
@@ -108,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(create)
     t = create.add_argument_group("the TPU")
     t.add_argument("--accelerator-type", required=True, help="e.g. v4-8, v4-16, v5litepod-16")
-    t.add_argument("--runtime-version", default=DEFAULT_RUNTIME, help=f"default: {DEFAULT_RUNTIME}")
+    t.add_argument(
+        "--runtime-version",
+        help="TPU software version; default: the one Google documents for the type's generation "
+        "(tpu-ubuntu2204-base for v4 and older, v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for v5p, "
+        "v2-alpha-tpuv6e for v6e)",
+    )
     t.add_argument("--capacity", default="on_demand", choices=CAPACITIES, help="default: on_demand")
     t.add_argument("--reservation", help="reservation id or full name (capacity reserved, --queued)")
     t.add_argument("--queued", action="store_true", help="create it as a queued resource")
@@ -227,6 +240,10 @@ def _spec(args, metadata: dict[str, str]) -> TpuSpec:
 
 
 def _create(args) -> int:
+    if not args.runtime_version:
+        args.runtime_version = default_runtime_version(args.accelerator_type)
+    elif note := runtime_mismatch(args.accelerator_type, args.runtime_version):
+        _say(f"note: {note}")
     if not args.no_install and not args.bucket:
         raise CliError("--bucket is needed to stage the code for the install step (or pass --no-install)", 2)
     prefix = _bucket_prefix(args.bucket) if args.bucket else ""
@@ -284,9 +301,11 @@ def _ready_node(tpu: TpuClient, args, spec: TpuSpec):
         )
         created = None
     elif args.queued:
+        _check_offered(tpu, spec)
         created = tpu.create_queued_resource(args.name, spec)
         _say(f"asked for queued resource '{args.name}' ({spec.accelerator_type}, {spec.capacity})")
     else:
+        _check_offered(tpu, spec)
         tpu.create_node(args.name, spec)
         _say(f"asked for TPU '{args.name}' ({spec.accelerator_type}, {spec.capacity})")
         created = None
@@ -313,6 +332,16 @@ def _ready_node(tpu: TpuClient, args, spec: TpuSpec):
             except TpuError as cleanup:
                 _say(f"  could not delete it: {cleanup}; delete it with infra/delete_tpu.sh {args.name}")
         raise e
+
+
+def _check_offered(tpu: TpuClient, spec: TpuSpec) -> None:
+    """A type or version the zone does not offer is a bad argument (exit 2), found before creating."""
+    try:
+        tpu.check_offered([spec])
+    except TpuError as e:
+        if e.status == "INVALID_ARGUMENT":
+            raise CliError(str(e), EXIT_USAGE) from None
+        raise
 
 
 def _install(args, node, prefix: str, key_file: Path) -> int:

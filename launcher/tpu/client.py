@@ -58,6 +58,16 @@ _HINTS = {
 _NODE_DEAD_ENDS = {"PREEMPTED", "TERMINATED", "DELETING", "STOPPED", "STOPPING", "HIDDEN"}
 _QUEUED_DEAD_ENDS = {"FAILED", "SUSPENDING", "SUSPENDED", "DELETING"}
 
+# The TPU software version Google documents for each generation (cloud.google.com/tpu/docs/runtimes):
+# v6e, v5p and v5e have images of their own; v4 and older boot tpu-ubuntu2204-base. A TPU booted with
+# another generation's image fails in ways that do not name the version, so this is the default.
+_DOCUMENTED_RUNTIMES = {
+    "v6e": "v2-alpha-tpuv6e",
+    "v5p": "v2-alpha-tpuv5",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+}
+_BASE_RUNTIME = "tpu-ubuntu2204-base"
+
 _RESOURCE_ID = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 # The REST rules of the two create calls (google/cloud/tpu/v2/cloud_tpu.proto `google.api.http`).
 _HTTP_RULES = {
@@ -148,6 +158,29 @@ class RenderedRequest:
 
 
 # ------------------------------------------------------------------------------- pure: requests
+
+
+def tpu_generation(accelerator_type: str) -> str:
+    """The generation part of an accelerator type: v4 of v4-16, v5litepod of v5litepod-8."""
+    return (accelerator_type or "").rpartition("-")[0] or accelerator_type or ""
+
+
+def default_runtime_version(accelerator_type: str) -> str:
+    """The TPU software version Google documents for this accelerator type's generation."""
+    return _DOCUMENTED_RUNTIMES.get(tpu_generation(accelerator_type), _BASE_RUNTIME)
+
+
+def runtime_mismatch(accelerator_type: str, runtime_version: str) -> str | None:
+    """A note when `runtime_version` is the image of another generation than `accelerator_type`'s
+    (None when it is the documented one, or one we know nothing about, e.g. a TensorFlow image)."""
+    documented = default_runtime_version(accelerator_type)
+    known = {*_DOCUMENTED_RUNTIMES.values(), _BASE_RUNTIME}
+    if runtime_version == documented or runtime_version not in known:
+        return None
+    return (
+        f"runtime version {runtime_version} is not the one Google documents for "
+        f"{tpu_generation(accelerator_type)} TPUs ({documented})"
+    )
 
 
 def _tpu():
@@ -375,6 +408,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _some(names: list[str], most: int = 12) -> str:
+    """Names sorted, at most `most` of them, for a one-line message."""
+    names = sorted(set(names), key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    if not names:
+        return "none"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 # ------------------------------------------------------------------------------- the client
 
 
@@ -502,6 +543,51 @@ class TpuClient:
     def list_queued_resources(self) -> list[TpuQueuedResource]:
         with self._calling("list the queued resources of", self.parent):
             return [_queued_from_proto(q) for q in self._api.list_queued_resources(parent=self.parent)]
+
+    def list_accelerator_types(self) -> list[str]:
+        """The accelerator types offered in this zone (v4-8, v4-16, ...), every page."""
+        with self._calling("list the accelerator types of", self.parent):
+            return [a.type_ for a in self._api.list_accelerator_types(parent=self.parent)]
+
+    def list_runtime_versions(self) -> list[str]:
+        """The TPU software versions offered in this zone (tpu-ubuntu2204-base, ...), every page."""
+        with self._calling("list the runtime versions of", self.parent):
+            return [r.version for r in self._api.list_runtime_versions(parent=self.parent)]
+
+    def check_offered(self, specs: list[TpuSpec]) -> None:
+        """Refuse, in one line, an accelerator type or runtime version this zone does not offer, before
+        anything is created (a wrong runtime version is otherwise found late and obscurely). An API
+        that refuses to list (an unknown zone, say) is one TpuError line as usual; a caller that may
+        not list (PERMISSION_DENIED) is left to the create call's own answer."""
+        try:
+            types = self.list_accelerator_types()
+            versions = self.list_runtime_versions()
+        except TpuError as e:
+            if e.status == "PERMISSION_DENIED":
+                return
+            raise
+        for spec in specs:
+            if spec.accelerator_type not in types:
+                generation = tpu_generation(spec.accelerator_type)
+                kin = [t for t in types if tpu_generation(t) == generation]
+                offered = (
+                    f"{generation} types offered there: {_some(kin)}"
+                    if kin
+                    else f"offered there: {_some(types)}"
+                )
+                raise TpuError(
+                    f"accelerator type {spec.accelerator_type} is not offered in zone {self.zone} "
+                    f"({offered}); pick one of those or another zone",
+                    "INVALID_ARGUMENT",
+                )
+            if spec.runtime_version not in versions:
+                raise TpuError(
+                    f"runtime version {spec.runtime_version} is not offered in zone {self.zone} "
+                    f"(offered there: {_some(versions)}); Google documents "
+                    f"{default_runtime_version(spec.accelerator_type)} for "
+                    f"{tpu_generation(spec.accelerator_type)} TPUs",
+                    "INVALID_ARGUMENT",
+                )
 
     # ---------------------------------------------------------------- wait
 

@@ -141,6 +141,51 @@ def test_bad_input_is_one_line(fake, tmp_path):
     assert "Traceback" not in no_bucket.stderr + bad_name.stderr
 
 
+def test_a_type_or_version_the_zone_does_not_offer_is_refused_and_nothing_created(fake, tmp_path):
+    keys = ["--no-install", "--ssh-key-dir", str(tmp_path / "k")]
+    bad_type = _run(CREATE, "n4", "--accelerator-type", "v4-12", *keys, fake=fake)
+    bad_version = _run(
+        CREATE,
+        "n4",
+        "--accelerator-type",
+        "v4-8",
+        "--runtime-version",
+        "tpu-ubuntu2204-bse",
+        *keys,
+        fake=fake,
+    )
+    assert bad_type.returncode == 2, bad_type.stderr
+    assert f"error: accelerator type v4-12 is not offered in zone {ZONE} (v4 types offered there: v4-8," in (
+        bad_type.stderr
+    )
+    assert bad_version.returncode == 2, bad_version.stderr
+    assert "runtime version tpu-ubuntu2204-bse is not offered" in bad_version.stderr
+    assert len((bad_type.stderr + bad_version.stderr).strip().splitlines()) == 2  # one line each
+    assert not [r for r in fake.requests() if r["method"] != "GET"]
+
+
+def test_the_runtime_version_defaults_to_the_generations_and_a_mismatch_is_noted(fake, tmp_path):
+    keys = ["--no-install", "--ssh-key-dir", str(tmp_path / "k")]
+    v5e = _run(CREATE, "lite", "--accelerator-type", "v5litepod-8", *keys, fake=fake)
+    assert v5e.returncode == 0, v5e.stderr
+    assert _tpu(fake).get_node("lite").runtime_version == "v2-alpha-tpuv5-lite"
+    v6e = _run(
+        CREATE,
+        "six",
+        "--accelerator-type",
+        "v6e-8",
+        "--runtime-version",
+        "tpu-ubuntu2204-base",
+        *keys,
+        fake=fake,
+    )
+    assert v6e.returncode == 0, v6e.stderr
+    assert "note: runtime version tpu-ubuntu2204-base is not the one Google documents for v6e TPUs" in (
+        v6e.stdout + v6e.stderr
+    )
+    assert _tpu(fake).get_node("six").runtime_version == "tpu-ubuntu2204-base"  # the user's choice stands
+
+
 def test_dry_run_prints_the_request_and_creates_nothing(fake):
     result = _run(
         CREATE, "n3", "--accelerator-type", "v4-8", "--bucket", "gs://vl-test", "--dry-run", fake=fake

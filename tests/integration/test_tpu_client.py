@@ -202,6 +202,53 @@ def test_bad_settings_fail_before_any_call(fake, tpu):
     assert fake.requests() == []
 
 
+def test_the_zone_lists_its_accelerator_types_and_runtime_versions_page_by_page(fake, tpu):
+    fake.config.runtime_versions = ["tpu-ubuntu2204-base", "v2-alpha-tpuv5-lite", "v2-alpha-tpuv6e"]
+    assert tpu.list_runtime_versions() == ["tpu-ubuntu2204-base", "v2-alpha-tpuv5-lite", "v2-alpha-tpuv6e"]
+    assert {"v4-8", "v4-16", "v5litepod-16", "v6e-8"} <= set(tpu.list_accelerator_types())
+    # The library follows nextPageToken: two per page still gives all of them, in three requests.
+    fake.clear_requests()
+    pager = tpu._api.list_runtime_versions(request={"parent": tpu.parent, "page_size": 2})
+    assert [r.version for r in pager] == ["tpu-ubuntu2204-base", "v2-alpha-tpuv5-lite", "v2-alpha-tpuv6e"]
+    assert [r["query"].get("pageToken") for r in fake.requests()] == [None, "2"]
+    one = tpu._api.get_accelerator_type(name=f"{tpu.parent}/acceleratorTypes/v5litepod-16")
+    assert one.type_ == "v5litepod-16" and one.accelerator_configs[0].type_.name == "V5LITE_POD"
+
+
+def test_a_type_or_version_the_zone_does_not_offer_is_refused_before_creating(fake, tpu):
+    tpu.check_offered([TpuSpec("v4-16", RUNTIME), TpuSpec("v6e-8", "v2-alpha-tpuv6e")])  # offered: no error
+    with pytest.raises(TpuError) as caught:
+        tpu.check_offered([TpuSpec("v5p-64", "v2-alpha-tpuv5")])
+    assert caught.value.status == "INVALID_ARGUMENT"
+    assert str(caught.value) == (
+        f"accelerator type v5p-64 is not offered in zone {ZONE} (v5p types offered there: v5p-8, v5p-16, "
+        "v5p-32); pick one of those or another zone"
+    )
+    with pytest.raises(TpuError, match=r"runtime version tpu-ubuntu2204-bse is not offered in zone .*"
+                       r"\(offered there: tpu-ubuntu2204-base, .*\); Google documents tpu-ubuntu2204-base "
+                       r"for v4 TPUs"):  # fmt: skip
+        tpu.check_offered([TpuSpec("v4-16", "tpu-ubuntu2204-bse")])
+    assert not [r for r in fake.requests() if r["method"] != "GET"]
+    # The fake itself refuses such a create, as the API does, so a caller that skips the check
+    # still gets one line from the create call.
+    with pytest.raises(TpuError, match="INVALID_ARGUMENT: Runtime version 'tpu-ubuntu2204-bse' is not"):
+        tpu.wait_until(tpu.create_node("n", TpuSpec("v4-16", "tpu-ubuntu2204-bse")), "READY", 10)
+
+
+def test_the_default_runtime_version_is_the_one_google_documents_for_the_generation():
+    from launcher.tpu.client import default_runtime_version, runtime_mismatch
+
+    assert [default_runtime_version(t) for t in ("v2-8", "v3-8", "v4-16", "v5litepod-16", "v5p-8", "v6e-8")] == [
+        "tpu-ubuntu2204-base", "tpu-ubuntu2204-base", "tpu-ubuntu2204-base",
+        "v2-alpha-tpuv5-lite", "v2-alpha-tpuv5", "v2-alpha-tpuv6e",
+    ]  # fmt: skip
+    assert runtime_mismatch("v6e-8", "tpu-ubuntu2204-base") == (
+        "runtime version tpu-ubuntu2204-base is not the one Google documents for v6e TPUs (v2-alpha-tpuv6e)"
+    )
+    assert runtime_mismatch("v6e-8", "v2-alpha-tpuv6e") is None
+    assert runtime_mismatch("v4-8", "tpu-vm-tf-2.16.1-pjrt") is None  # an image we know nothing of
+
+
 # ----------------------------------------------------------------------------- dry-run rendering
 
 

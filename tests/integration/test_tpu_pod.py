@@ -213,6 +213,23 @@ def test_a_reused_tpu_runs_a_failing_trainer_once_and_is_kept(pod):
     client.delete_node("mine")
 
 
+def test_a_runtime_version_the_zone_does_not_offer_stops_the_launch_before_anything_happens(pod):
+    """A typo in backend.runtime_version is found by asking the API what the zone offers: one line,
+    exit 2, no TPU asked for and nothing staged to the bucket."""
+    fake = pod["fake"]
+    fake.clear_requests()
+    proc = launch(pod, "backend.runtime_version=tpu-ubuntu2204-bse")
+    code, text = finish(proc)
+    assert code == 2, text
+    assert (
+        f"error: runtime version tpu-ubuntu2204-bse is not offered in zone {ZONE} (offered there: "
+        "tpu-ubuntu2204-base," in text
+    ), text
+    assert "Traceback" not in text
+    assert not [r for r in fake.requests() if r["method"] != "GET"]  # nothing created
+    assert not storage.exists(proc.bucket)  # nothing staged
+
+
 def test_ctrl_c_stops_the_hosts_and_deletes_the_queued_resource(pod):
     fake = pod["fake"]
     proc = launch(pod, "backend.queued=true", "backend.teardown=keep")

@@ -154,7 +154,11 @@ def test_unknown_fields_are_refused_and_proto_names_accepted_as_google_does(api)
         "Invalid JSON payload received. Unknown name \"spott\" at 'node.scheduling_config': Cannot find field."
     )
 
-    snake = {"accelerator_type": "v4-8", "runtime_version": "rv", "scheduling_config": {"spot": True}}
+    snake = {
+        "accelerator_type": "v4-8",
+        "runtime_version": "tpu-ubuntu2204-base",
+        "scheduling_config": {"spot": True},
+    }
     node = wait_for_operation(api, api("POST", f"/v2/{PARENT}/nodes?nodeId=n1", snake)[1])["response"]
     assert node["acceleratorType"] == "v4-8" and node["schedulingConfig"] == {"spot": True}
     assert "accelerator_type" not in node

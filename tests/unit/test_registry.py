@@ -894,15 +894,15 @@ def test_teardown_deletes_the_tpus_tpu_jobs_left_and_keeps_named_and_watched_one
         client = TpuClient("p", "us-central2-b", endpoint=fake.url, poll_interval_s=0.02)
         tpu = {
             "name": "tpu_pod", "project": "p", "zone": "us-central2-b", "api_endpoint": fake.url,
-            "accelerator_type": "v4-8", "runtime_version": "rv", "capacity": "spot", "queued": False,
+            "accelerator_type": "v4-8", "runtime_version": "tpu-ubuntu2204-base", "capacity": "spot", "queued": False,
             "tpu_name": None, "poll_s": 0.05,
         }  # fmt: skip
         for job, over in zip(plan.jobs, [{}, {"queued": True}, {"tpu_name": "mine"}, {}], strict=True):
             job.config["backend"] = {**tpu, **over}
-        client.create_node("vl-tpt-0", TpuSpec("v4-8", "rv"))
-        client.create_queued_resource("vl-tpt-1", TpuSpec("v4-8", "rv", capacity="spot"))
-        client.create_node("mine", TpuSpec("v4-8", "rv"))
-        client.create_node("vl-tpt-3", TpuSpec("v4-8", "rv"))
+        client.create_node("vl-tpt-0", TpuSpec("v4-8", "tpu-ubuntu2204-base"))
+        client.create_queued_resource("vl-tpt-1", TpuSpec("v4-8", "tpu-ubuntu2204-base", capacity="spot"))
+        client.create_node("mine", TpuSpec("v4-8", "tpu-ubuntu2204-base"))
+        client.create_node("vl-tpt-3", TpuSpec("v4-8", "tpu-ubuntu2204-base"))
         with Registry(reg_path) as r:
             record(r, plan)
         with registry.watching([plan.jobs[3].run_dir]):  # job 3: its launcher (this process) runs it

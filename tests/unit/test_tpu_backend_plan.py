@@ -27,6 +27,47 @@ def test_a_named_tpu_is_kept_by_default_and_a_made_one_deleted():
     assert resources(tpu_name="mine", teardown="delete")["teardown"] == "delete"
 
 
+@pytest.mark.parametrize(
+    "accelerator, runtime",
+    [("v4-16", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-16", "v2-alpha-tpuv5"),
+     ("v6e-16", "v2-alpha-tpuv6e")],
+)  # fmt: skip
+def test_the_runtime_version_follows_the_accelerator_unless_set(accelerator, runtime):
+    """A v5e/v5p/v6e booted with v4's image fails without naming the version: the default is the
+    generation's documented image, and a version given on the command line or by a site wins."""
+    assert resources(accelerator_type=accelerator)["runtime_version"] == runtime
+    assert resources(accelerator_type=accelerator, runtime_version="mine")["runtime_version"] == "mine"
+    site = {"tpu": {"project": "p", "zone": "z", "bucket": "gs://b", "runtime_version": "site-image"}}
+    assert effective_backend({"name": "tpu_pod", "accelerator_type": accelerator}, site)[
+        "runtime_version"
+    ] == ("site-image")
+
+
+def test_dry_run_shows_the_runtime_version_and_a_note_when_it_is_another_generations(capsys):
+    import sys
+
+    from launcher.__main__ import main
+
+    common = ["launcher", "trainer=reserve", "backend=tpu_pod", "backend.project=p", "backend.zone=z",
+              "backend.bucket=gs://b/x", "backend.accelerator_type=v6e-16", "--dry-run"]  # fmt: skip
+    for extra, runtime, note in [
+        ([], "v2-alpha-tpuv6e", False),
+        (["backend.runtime_version=tpu-ubuntu2204-base"], "tpu-ubuntu2204-base", True),
+    ]:
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(sys, "argv", common + extra)
+        try:
+            with pytest.raises(SystemExit) as e:
+                main()
+        finally:
+            monkey.undo()
+        out = capsys.readouterr().out
+        assert e.value.code == 0, out
+        assert f'"runtimeVersion": "{runtime}"' in out
+        line = "# note: runtime version tpu-ubuntu2204-base is not the one Google documents for v6e TPUs"
+        assert (line in out) == note, out
+
+
 def test_site_profile_tpu_key_applies_to_both_tpu_backends():
     site = {"tpu": {"project": "site-p", "zone": "z", "bucket": "gs://s"}, "tpu_vm": {"zone": "vm-zone"}}
     vm = effective_backend({"name": "tpu_vm"}, site)
