@@ -48,6 +48,9 @@ from pathlib import Path
 
 _MARKER = "FAKE_TPU_SESSION"
 _SSHD_NAMES = frozenset({"sshd", "sshd-session", "sshd-auth"})
+# Host keys of every worker, new each time its node becomes READY. A TPU VM's image has these two (and
+# an RSA key, left out: generating one costs a tenth of a second per worker).
+_HOST_KEY_TYPES = ("ed25519", "ecdsa")
 
 
 def parse_ssh_keys(value: str) -> dict[str, list[str]]:
@@ -154,7 +157,7 @@ class SshdWorkers:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
             try:
                 # All host keys first (ssh-keygen runs in parallel), then all sshds, then one wait.
-                keygens = [self._write_worker_files(w, keys) for w in node.workers]
+                keygens = [k for w in node.workers for k in self._write_worker_files(w, keys)]
                 for keygen in keygens:
                     if keygen.wait() != 0:
                         raise RuntimeError(f"ssh-keygen failed: {keygen.stderr.read().decode().strip()}")
@@ -247,7 +250,7 @@ class SshdWorkers:
         if node in self._dying:
             self._dying.remove(node)
 
-    def _write_worker_files(self, worker: _Worker, keys: dict[str, list[str]]) -> subprocess.Popen:
+    def _write_worker_files(self, worker: _Worker, keys: dict[str, list[str]]) -> list[subprocess.Popen]:
         d = worker.directory
         (d / "authorized_keys").mkdir(parents=True)
         (d / "home").mkdir()
@@ -257,7 +260,7 @@ class SshdWorkers:
             "\n".join(
                 [
                     f"ListenAddress {worker.ip}:{self.port}",
-                    f"HostKey {d / 'ssh_host_ed25519_key'}",
+                    *(f"HostKey {d / f'ssh_host_{kind}_key'}" for kind in _HOST_KEY_TYPES),
                     f"PidFile {d / 'sshd.pid'}",
                     f"AuthorizedKeysFile {d / 'authorized_keys'}/%u",
                     "AuthenticationMethods publickey",
@@ -284,13 +287,16 @@ class SshdWorkers:
                 ]
             )
         )
-        return subprocess.Popen(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"fake-tpu-worker{worker.index}"]
-            + ["-f", str(d / "ssh_host_ed25519_key")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        return [
+            subprocess.Popen(
+                ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"fake-tpu-worker{worker.index}"]
+                + ["-f", str(d / f"ssh_host_{kind}_key")],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for kind in _HOST_KEY_TYPES
+        ]
 
     def _spawn_sshd(self, worker: _Worker) -> subprocess.Popen:
         with open(worker.directory / "sshd.log", "ab") as log:
