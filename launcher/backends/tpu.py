@@ -332,15 +332,18 @@ def preflight(plan: SweepPlan) -> None:
 
 
 def _check_offered(plan: SweepPlan) -> None:
-    """The zone, accelerator type and runtime version of every job, asked of the API before anything
-    is staged or created (two list calls per zone); a runtime version meant for another generation
-    gets a note, since the API may take it and the TPU then fail obscurely."""
+    """The accelerator type and runtime version of every job that makes its own TPU, asked of the
+    API before anything is staged or created (two list calls per zone); a runtime version meant for
+    another generation gets a note, since the API may take it and the TPU then fail obscurely. A TPU
+    named by backend.tpu_name is usually reused as it is (its version may no longer be offered)."""
     from launcher.tpu.client import TpuClient, runtime_mismatch
 
     by_zone: dict[tuple, list] = {}
     notes = set()
     for job in plan.jobs:
         resources = job.config["backend"]
+        if resources.get("tpu_name"):
+            continue
         zone = (resources["project"], resources["zone"], resources.get("api_endpoint"))
         by_zone.setdefault(zone, []).append(tpu_spec(resources, "", {}))
         note = runtime_mismatch(resources["accelerator_type"], resources["runtime_version"])

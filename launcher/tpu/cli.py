@@ -1,4 +1,4 @@
-"""`python -m launcher.tpu.cli create|delete|list|describe`: TPU VMs by hand, without gcloud.
+"""`python -m launcher.tpu.cli create|delete|list|describe|offered`: TPU VMs by hand, without gcloud.
 
 `infra/create_tpu.sh` and `infra/delete_tpu.sh` are thin wrappers around `create` and `delete`.
 Everything goes through the project's own Cloud TPU client (`launcher/tpu/client.py`), so the same
@@ -16,6 +16,10 @@ the code under `<bucket>/vlaunch/code/` and passes STORAGE_EMULATOR_HOST (when s
 
 delete: deletes the queued resource of that name with its TPU VMs (force), or the TPU VM, and waits
 until it is gone.
+
+offered: the accelerator types and runtime versions the zone offers, as the API lists them. create
+checks its `--accelerator-type` and `--runtime-version` against these lists before asking for
+anything; the runtime version defaults to the one Google documents for the type's generation.
 
 Exit codes: 0 done; 1 the API refused or the TPU failed (one line says why); 2 bad arguments
 (including ones the API calls INVALID_ARGUMENT);
@@ -45,6 +49,7 @@ from launcher.tpu.client import (
     default_runtime_version,
     render_requests,
     runtime_mismatch,
+    sorted_names,
 )
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INSTALL, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create, delete, list and describe Cloud TPU VMs and queued resources (no gcloud).",
         epilog=EXIT_CODES,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="create|delete|list|describe")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="create|delete|list|describe|offered")
 
     def common(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("where")
@@ -172,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     describe = sub.add_parser("describe", help="print a TPU VM or queued resource as JSON", epilog=EXIT_CODES)
     describe.add_argument("name")
     common(describe)
+
+    offered = sub.add_parser(
+        "offered", help="list the accelerator types and runtime versions a zone offers", epilog=EXIT_CODES
+    )
+    common(offered)
     return parser
 
 
@@ -301,11 +311,11 @@ def _ready_node(tpu: TpuClient, args, spec: TpuSpec):
         )
         created = None
     elif args.queued:
-        _check_offered(tpu, spec)
+        tpu.check_offered([spec])  # a type or version the zone lacks: exit 2, nothing created
         created = tpu.create_queued_resource(args.name, spec)
         _say(f"asked for queued resource '{args.name}' ({spec.accelerator_type}, {spec.capacity})")
     else:
-        _check_offered(tpu, spec)
+        tpu.check_offered([spec])  # a type or version the zone lacks: exit 2, nothing created
         tpu.create_node(args.name, spec)
         _say(f"asked for TPU '{args.name}' ({spec.accelerator_type}, {spec.capacity})")
         created = None
@@ -332,16 +342,6 @@ def _ready_node(tpu: TpuClient, args, spec: TpuSpec):
             except TpuError as cleanup:
                 _say(f"  could not delete it: {cleanup}; delete it with infra/delete_tpu.sh {args.name}")
         raise e
-
-
-def _check_offered(tpu: TpuClient, spec: TpuSpec) -> None:
-    """A type or version the zone does not offer is a bad argument (exit 2), found before creating."""
-    try:
-        tpu.check_offered([spec])
-    except TpuError as e:
-        if e.status == "INVALID_ARGUMENT":
-            raise CliError(str(e), EXIT_USAGE) from None
-        raise
 
 
 def _install(args, node, prefix: str, key_file: Path) -> int:
@@ -468,7 +468,19 @@ def _describe(args) -> int:
     return 0
 
 
-COMMANDS = {"create": _create, "delete": _delete, "list": _list, "describe": _describe}
+def _offered(args) -> int:
+    tpu = _client(args)
+    for what, names in (
+        ("accelerator types", tpu.list_accelerator_types()),
+        ("runtime versions", tpu.list_runtime_versions()),
+    ):
+        print(f"{what} ({len(names)}):")
+        for name in sorted_names(names):
+            print(f"  {name}")
+    return 0
+
+
+COMMANDS = {"create": _create, "delete": _delete, "list": _list, "describe": _describe, "offered": _offered}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -408,9 +408,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def sorted_names(names: list[str]) -> list[str]:
+    """Distinct names with their numbers in numeric order: v4-8 before v4-16."""
+    return sorted(set(names), key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
 def _some(names: list[str], most: int = 12) -> str:
     """Names sorted, at most `most` of them, for a one-line message."""
-    names = sorted(set(names), key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    names = sorted_names(names)
     if not names:
         return "none"
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

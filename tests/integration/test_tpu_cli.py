@@ -21,6 +21,7 @@ from launcher.tpu.client import TpuClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CREATE, DELETE = REPO_ROOT / "infra" / "create_tpu.sh", REPO_ROOT / "infra" / "delete_tpu.sh"
+TPU = REPO_ROOT / "infra" / "tpu.sh"
 PROJECT, ZONE = "test-proj", "us-central2-b"
 VENV_PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")  # has fsspec and gcsfs, as a worker would
 
@@ -162,6 +163,17 @@ def test_a_type_or_version_the_zone_does_not_offer_is_refused_and_nothing_create
     assert "runtime version tpu-ubuntu2204-bse is not offered" in bad_version.stderr
     assert len((bad_type.stderr + bad_version.stderr).strip().splitlines()) == 2  # one line each
     assert not [r for r in fake.requests() if r["method"] != "GET"]
+
+
+def test_offered_lists_the_zones_types_and_versions(fake):
+    fake.config.runtime_versions = ["v2-alpha-tpuv6e", "tpu-ubuntu2204-base"]
+    fake.config.workers = {"v4-16": 2, "v4-8": 1, "v6e-8": 1}
+    result = _run(TPU, "offered", fake=fake)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "accelerator types (3):", "  v4-8", "  v4-16", "  v6e-8",
+        "runtime versions (2):", "  tpu-ubuntu2204-base", "  v2-alpha-tpuv6e",
+    ]  # fmt: skip
 
 
 def test_the_runtime_version_defaults_to_the_generations_and_a_mismatch_is_noted(fake, tmp_path):

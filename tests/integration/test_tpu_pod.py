@@ -191,7 +191,8 @@ def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninte
 
 
 def test_a_reused_tpu_runs_a_failing_trainer_once_and_is_kept(pod):
-    """backend.tpu_name reuses a READY TPU (no create call); a trainer failure is not retried; a TPU
+    """backend.tpu_name reuses a READY TPU (no create call), whatever runtime version the config names
+    (the zone may no longer offer the one it was made with); a trainer failure is not retried; a TPU
     named by the user is kept after the job."""
     from launcher.tpu.client import TpuClient, TpuSpec
     from launcher.tpu.fanout import ensure_keypair, ssh_keys_metadata
@@ -203,7 +204,12 @@ def test_a_reused_tpu_runs_a_failing_trainer_once_and_is_kept(pod):
     name = client.create_node("mine", TpuSpec("v4-16", "tpu-ubuntu2204-base", metadata=metadata))
     client.wait_until(name, "READY", 60)
     fake.clear_requests()
-    proc = launch(pod, "backend.tpu_name=mine", "trainer.resume_from=gs://vl-test/no-such-checkpoint")
+    proc = launch(
+        pod,
+        "backend.tpu_name=mine",
+        "backend.runtime_version=tpu-vm-v4-base-retired",
+        "trainer.resume_from=gs://vl-test/no-such-checkpoint",
+    )
     code, text = finish(proc)
     assert code == 1, text[-4000:]
     assert "reusing TPU mine" in text and "FAILED" in text and "recreating" not in text, text[-4000:]
