@@ -99,7 +99,9 @@ class TpuBackend:
     # made, keep one named by tpu_name.
     teardown: str | None = None
     ready_timeout_s: int | None = None  # how long to wait for READY / ACTIVE
-    max_retries: int | None = None  # recreations after a preemption; other failures are never retried
+    # Recreations after a preemption and reruns after a lost ssh connection, together; other failures
+    # are never retried.
+    max_retries: int | None = None
     ssh_user: str | None = None  # default: your user name on this machine
     ssh_port: int | None = None
     ssh_key_dir: str | None = None  # default: <runs_root>/.ssh (an ed25519 key made once)

@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,8 @@ def render(plan: SweepPlan) -> str:
             f"# {resources['name']}: {resources['accelerator_type']} ({hosts or '?'} host(s)), "
             f"{resources['capacity']}{' queued resource' if resources['queued'] else ''}, "
             f"project {resources['project']}, zone {resources['zone']}; "
-            f"teardown={resources['teardown']}, up to {resources['max_retries']} recreation(s) after preemption"
+            f"teardown={resources['teardown']}, up to {resources['max_retries']} recreation(s) after "
+            "preemption or rerun(s) after a lost ssh connection"
             + (
                 f"; {resources['max_parallel']} jobs at once"
                 if int(resources.get("max_parallel") or 1) > 1
@@ -275,6 +276,13 @@ class _Attempt:
     codes: list[int]
     preempted: bool
     first_failure: int | None
+    lost: list[int] = field(default_factory=list)  # hosts whose ssh connection died under the trainer
+
+    def cut_off(self) -> bool:
+        """Stopped by lost connections, not by the trainer: every other host ended 0 or saved (75)."""
+        return bool(self.lost) and all(
+            c in (0, REQUEUE_EXIT_CODE) or i in self.lost for i, c in enumerate(self.codes)
+        )
 
 
 def _check_answers(url: str, setting: str, emulator: bool = True) -> None:
@@ -647,7 +655,7 @@ def _run_job(
     )
     if on_change is not None:
         on_change(job.num, "RUNNING", tpu.name, None)
-    retries, state, code_out, failed_worker = 0, FAILED, None, None
+    retries, reruns, state, code_out, failed_worker = 0, 0, FAILED, None, None
     ended_by = ""
     try:
         while True:
@@ -660,7 +668,18 @@ def _run_job(
             if all(c == 0 for c in attempt.codes):
                 state, code_out = COMPLETED, 0
                 break
+            cut_off = not attempt.preempted and attempt.cut_off()
             requeue = attempt.preempted or all(c in (0, REQUEUE_EXIT_CODE) for c in attempt.codes)
+            if cut_off and retries < int(resources["max_retries"]):
+                # The TPU is still there: run again on it (the hosts' agents stop what is left of
+                # this attempt first), from the checkpoint the trainers saved when they were stopped.
+                retries, reruns = retries + 1, reruns + 1
+                hosts = ", ".join(f"w{i}" for i in attempt.lost)
+                print(
+                    f"  job {job.num}: lost the connection to {hosts}; running again on TPU {tpu.name} "
+                    f"(retry {retries}/{resources['max_retries']})"
+                )
+                continue
             if requeue and retries < int(resources["max_retries"]):
                 retries += 1
                 cause = "preempted" if attempt.preempted else f"trainer exit {REQUEUE_EXIT_CODE}"
@@ -669,10 +688,13 @@ def _run_job(
                 )
                 tpu.delete(cause)
                 continue
-            failed_worker = attempt.first_failure
+            failed_worker = attempt.lost[0] if cut_off else attempt.first_failure
             bad = [c for c in attempt.codes if c != 0]
-            code_out = bad[0] if bad else None
-            ended_by = "preempted, no retries left" if requeue else ""
+            code_out = attempt.codes[failed_worker] if cut_off else bad[0] if bad else None
+            if cut_off:
+                ended_by = f"lost the connection to w{failed_worker}, no retries left"
+            elif requeue:
+                ended_by = "preempted, no retries left"
             break
     except KeyboardInterrupt as e:
         cancelled = isinstance(e, JobCancelled)
@@ -701,7 +723,8 @@ def _run_job(
     note = f" ({ended_by})" if ended_by else ""
     print(
         f"  job {job.num} ({job.label}) {state}{'' if code_out in (0, None) else f' (exit code {code_out})'}"
-        f"{note} after {time.monotonic() - started:.0f} s, {retries} recreation(s)"
+        f"{note} after {time.monotonic() - started:.0f} s, {retries - reruns} recreation(s)"
+        + (f", {reruns} rerun(s) after a lost connection" if reruns else "")
     )
     if on_change is not None:
         on_change(job.num, state, None, code_out)
@@ -793,7 +816,10 @@ def _run_on_hosts(plan, job, resources, hosts, tpu: _Tpu, ssh, code, config_url,
     if preempted is None and any(c != 0 for c in codes):
         preempted = tpu.preempted()  # the hosts may have died with the TPU before our next poll
     return _Attempt(
-        codes=codes, preempted=preempted is not None, first_failure=getattr(fan, "first_failure", None)
+        codes=codes,
+        preempted=preempted is not None,
+        first_failure=getattr(fan, "first_failure", None),
+        lost=[i for i, lost in enumerate(getattr(fan, "lost", [])) if lost],
     )
 
 

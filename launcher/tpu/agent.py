@@ -13,14 +13,18 @@ What it does, in order:
    `<workdir>/config/`. Each download is checked three ways: the object's `md5Hash` must equal the
    MD5 the launcher recorded when it staged it (else the object was replaced: exit 90), and the bytes
    received must match it (else retried, with the other transient errors, a few times: exit 91);
-2. prints `vlaunch-agent: worker started`, then runs the program (`argv`, with `{config}` replaced by
+2. if a program an earlier run of the agent started in this work dir is still running (its launcher
+   lost the connection, and the agent of that run is still stopping it, or was killed), sends it
+   SIGTERM, waits `grace_s` for it to save and exit, then SIGKILLs what is left: on a TPU host the
+   old program would hold the TPU. The program's process group is kept in `<workdir>/program.pid`;
+3. prints `vlaunch-agent: worker started`, then runs the program (`argv`, with `{config}` replaced by
    the local config path and `{workdir}` by the work dir) with its working directory at the code,
    PYTHONPATH starting there, `env` added, stdin from /dev/null, in a process group of its own;
-3. streams the program's stdout and stderr, merged, line by line to its own stdout, flushed per line;
-4. when its stdin reaches end of file (the launcher closed the ssh session), when its stdout is gone,
+4. streams the program's stdout and stderr, merged, line by line to its own stdout, flushed per line;
+5. when its stdin reaches end of file (the launcher closed the ssh session), when its stdout is gone,
    or on SIGTERM, SIGHUP or SIGINT, it sends SIGTERM to the program's process group and SIGKILL after
    `grace_s` seconds;
-5. exits with the program's exit code, or 128 + the signal that ended it.
+6. exits with the program's exit code, or 128 + the signal that ended it.
 
 Exit codes of its own (the program's codes pass through unchanged):
 
@@ -204,6 +208,47 @@ def prepare_config(workdir, config_url, config_md5):
 # ------------------------------------------------------------------------------------- running
 
 
+PID_FILE = "program.pid"
+
+
+def _group_alive(pgid, workdir):
+    """Is process group `pgid` alive and a program of this work dir (not a recycled pid)?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's: not ours
+    try:
+        with open(f"/proc/{pgid}/environ", "rb") as f:
+            return f"VLAUNCH_WORKDIR={workdir}".encode() in f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc to tell: the group exists
+
+
+def stop_earlier_program(workdir, grace_s):
+    """Stop the program an earlier agent started here if it still runs (see the module docstring)."""
+    try:
+        with open(os.path.join(workdir, PID_FILE)) as f:
+            pgid = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    if pgid <= 1 or not _group_alive(pgid, workdir):
+        return
+    _say(f"a program of an earlier run is still running here (process group {pgid}): SIGTERM, "
+         f"SIGKILL after {grace_s:g}s")  # fmt: skip
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _group_alive(pgid, workdir):
+                return
+            time.sleep(0.1)
+
+
 class Runner:
     """One program in its own process group, its output pumped to our stdout, stopped on request."""
 
@@ -293,8 +338,11 @@ def run(args):
     env["PYTHONPATH"] = code_dir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     env["VLAUNCH_WORKDIR"] = workdir
+    stop_earlier_program(workdir, args.grace_s)
     _say("worker started")
     runner = Runner(_substitute(args.argv, config, workdir), code_dir, env, args.grace_s)
+    with open(os.path.join(workdir, PID_FILE), "w") as f:
+        f.write(f"{runner.proc.pid}\n")
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda number, frame: runner.request_stop(signal.Signals(number).name))
     if args.watch_stdin:

@@ -40,6 +40,18 @@ _NOT_LISTENING = (
 )
 
 
+# What ssh prints when an established connection dies under the remote program (the host went away,
+# its sshd was killed, the network dropped, ServerAlive gave up): the program may still be running.
+_CONNECTION_LOST = (
+    "closed by remote host",
+    "not responding",
+    "Broken pipe",
+    "Connection reset by peer",
+    "ssh_dispatch_run_fatal",
+    "client_loop: ",
+)
+
+
 def ensure_keypair(directory: Path) -> tuple[Path, str]:
     """The launcher's ed25519 key pair in `directory` (made once with ssh-keygen, private key 0600).
 
@@ -157,7 +169,9 @@ class FanOut:
     hosts[i] runs commands[i] (a remote shell command line, quoted by the caller). Lines also go to
     `log_dir/worker{i}.log`. With `stop_on_failure`, the first worker to exit non-zero (recorded in
     `first_failure`) makes the others `stop(stop_grace_s)`. `started_s[i]` is the time from `start()` to worker
-    i's first line of output. `on_line` is called from reader threads, one call at a time.
+    i's first line of output. `lost[i]` is true when worker i's connection died after it had printed
+    something (ssh exited 255 with one of its connection-lost messages last): the remote program did
+    not fail, it was cut off. `on_line` is called from reader threads, one call at a time.
     """
 
     def __init__(
@@ -183,6 +197,7 @@ class FanOut:
         self.stop_grace_s = stop_grace_s
         self.first_failure: int | None = None
         self.started_s: list[float | None] = [None] * len(hosts)
+        self.lost: list[bool] = [False] * len(hosts)
         self._codes: list[int | None] = [None] * len(hosts)
         self._procs: list[subprocess.Popen | None] = [None] * len(hosts)
         self._threads: list[threading.Thread] = []
@@ -287,7 +302,7 @@ class FanOut:
                     self._procs[index] = proc
                     if self._stopping:  # stop() ran while this one was being spawned
                         _close_quietly(proc)
-                held, first = None, True
+                held, first, last, lines = None, True, "", 0
                 for raw in proc.stdout:
                     line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                     if first and _not_listening(line):
@@ -298,6 +313,7 @@ class FanOut:
                         self._emit(index, held, log)
                         held = None
                     self._emit(index, line, log)
+                    last, lines = line, lines + 1
                 code = proc.wait()
                 proc.stdout.close()
                 _close_quietly(proc)
@@ -308,6 +324,7 @@ class FanOut:
                         continue
                 if held is not None:
                     self._emit(index, held, log)
+                self.lost[index] = code == SSH_FAILED and lines > 1 and _connection_lost(last)
                 break
         except BaseException as e:  # a reader thread must never die silently with the code unset
             self._emit(index, f"fanout: {type(e).__name__}: {e}", log)
@@ -332,6 +349,10 @@ class FanOut:
 
 def _not_listening(line: str) -> bool:
     return any(text in line for text in _NOT_LISTENING)
+
+
+def _connection_lost(line: str) -> bool:
+    return any(text in line for text in _CONNECTION_LOST)
 
 
 def _close_quietly(proc: subprocess.Popen) -> None:

@@ -190,6 +190,58 @@ def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninte
     assert job.checkpoint == f"{output_of(proc)}/checkpoints/10" and job.checkpoint_step == 10
 
 
+def _kill_session_sshd(fake, node_id: str, worker: int) -> None:
+    """Cut one worker's ssh connection as a network failure or a dying host would: kill the sshd
+    process that serves the launcher's session (the worker's listening sshd stays up)."""
+    workers = fake.state.workers
+    node = next(n for name, n in workers._nodes.items() if name.endswith(f"/nodes/{node_id}"))
+    listener = node.workers[worker].process.pid
+    children = [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(int(d)) == listener]
+    assert children, "no ssh session on that worker"
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_a_lost_connection_runs_the_hosts_again_on_the_same_tpu_to_the_uninterrupted_parameters(
+    pod, uninterrupted
+):
+    """A worker's ssh session dies mid-run with the TPU still READY (its sshd killed): the other host
+    is stopped and saves, the launcher runs both hosts again on the same TPU (no delete, no create),
+    and they resume from the committed checkpoint to the parameters of an uninterrupted run."""
+    fake = pod["fake"]
+    fake.clear_requests()
+    proc = launch(pod)
+    seen_node = []
+
+    def training() -> bool:
+        if not seen_node:
+            seen_node.extend(
+                line.split("TPU ", 1)[1].split(" ", 1)[0] for line in proc.lines if "is READY" in line
+            )
+            return False
+        return any("checkpoint step 4 started" in line for line in proc.lines) and storage.exists(
+            f"{output_of(proc)}/checkpoints/4/commit_success.txt"
+        )
+
+    read_until(proc, training)
+    _kill_session_sshd(fake, seen_node[0], worker=1)
+    code, text = finish(proc)
+    assert code == 0, text[-4000:]
+    assert "lost the connection to w1; running again on TPU" in text, text[-4000:]
+    assert "0 recreation(s), 1 rerun(s) after a lost connection" in text, text[-4000:]
+    assert "(own checkpoint step" in text, text[-4000:]
+    assert digest(output_of(proc)) == uninterrupted
+    changes = [r for r in fake.requests() if r["method"] in ("POST", "DELETE")]
+    assert [r["method"] for r in changes] == ["POST", "DELETE"]  # created once, deleted at the end
+
+
 def test_a_reused_tpu_runs_a_failing_trainer_once_and_is_kept(pod):
     """backend.tpu_name reuses a READY TPU (no create call), whatever runtime version the config names
     (the zone may no longer offer the one it was made with); a trainer failure is not retried; a TPU

@@ -214,6 +214,36 @@ def test_a_program_that_ignores_sigterm_is_killed_after_the_grace_period(fake_gc
     assert proc.wait(timeout=30) == 128 + signal.SIGKILL
 
 
+def test_a_program_left_by_a_killed_agent_is_stopped_before_the_next_one_starts(fake_gcs, program, tmp_path):
+    """A lost connection can leave an earlier run's trainer on the host (it would hold the TPU): the
+    next agent in that work dir SIGTERMs it and waits for it to save and exit before it starts."""
+    import os
+
+    src, files = program
+    staged = stage_code(src, files, PREFIX)
+    marker = tmp_path / "stopped"
+    script = (
+        "import os, signal, sys, time\n"
+        f"def stop(*a):\n    time.sleep(1); open({str(marker)!r}, 'w').write('saved'); sys.exit(75)\n"
+        "signal.signal(signal.SIGTERM, stop)\nprint('ready', os.getpid(), flush=True)\ntime.sleep(120)\n"
+    )
+    first = _start_agent(tmp_path, staged, ["python3", "-c", script], grace_s=10)
+    pid = int(_read_until(first, "ready")[-1].split()[1])
+    first.kill()  # the agent dies with its session; its program, in a group of its own, runs on
+    first.wait(timeout=10)
+    os.kill(pid, 0)  # still running
+
+    second = _start_agent(tmp_path, staged, ["python3", "-c", "print('second run')"], grace_s=10)
+    code, out = _finish(second)
+    lines = out.splitlines()
+    assert code == 0, lines
+    note = [i for i, line in enumerate(lines) if "a program of an earlier run is still running here" in line]
+    assert note and note[0] < lines.index(agent.STARTED) < lines.index("second run"), lines
+    assert marker.read_text() == "saved"  # it was given the time to save
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 @pytest.mark.skipif(
     not (Path("/usr/sbin/sshd").exists() and shutil.which("ssh")), reason="needs openssh-server and ssh"
 )

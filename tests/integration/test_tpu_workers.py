@@ -151,6 +151,15 @@ def test_connections_use_p256_and_ecdsa_host_keys_unless_the_user_says_otherwise
         assert types == {key_type}, known_hosts.read_text()
 
 
+def test_a_program_exiting_255_is_a_failure_not_a_lost_connection(env, node):
+    """ssh exits 255 for its own failures too; only its connection-lost message after the program's
+    output marks a worker as cut off (the launcher reruns those, never a program's own failure)."""
+    commands = ['echo working; echo "Connection refused by nothing"; exit 255', "echo fine"]
+    fanout = FanOut(node.worker_ips, commands, env["ssh"], on_line=Lines(), stop_on_failure=False)
+    assert fanout.start().wait(timeout_s=30) == [255, 0]
+    assert fanout.lost == [False, False]
+
+
 def test_default_output_is_prefixed_with_the_worker_index(env, node, capfd):
     FanOut(node.worker_ips, ["echo hello", "echo world"], env["ssh"]).start().wait(timeout_s=30)
     out = capfd.readouterr().out.splitlines()
