@@ -471,6 +471,8 @@ class Registry:
                 if ob.requeue_events is not None and len(ob.requeue_events) > requeues:
                     for e in ob.requeue_events[requeues:]:
                         note = f"attempt {e.get('attempt')} on {e.get('host')}" if e.get("host") else None
+                        if e.get("reason"):  # a TPU job's: why, and on which TPU
+                            note = f"{e['reason']}, TPU {e.get('tpu')}"
                         events.append(
                             (sweep_id, ob.num, float(e.get("time") or now), "requeue", state,
                              e.get("exit_code"), handle, note)

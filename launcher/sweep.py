@@ -183,6 +183,7 @@ def job_recorder(plan: SweepPlan, reg: registry.Registry, num_of: dict[int, int]
                     metrics=facts.metrics,
                     checkpoint=facts.checkpoint,
                     tracker_run_id=facts.tracker_run_id,
+                    requeue_events=facts.requeue_events,  # a TPU job's recreations and reruns
                 )
             ],
         )

@@ -679,6 +679,7 @@ def _run_job(
                     f"  job {job.num}: lost the connection to {hosts}; running again on TPU {tpu.name} "
                     f"(retry {retries}/{resources['max_retries']})"
                 )
+                _record_retry(job, on_change, retries, f"lost the connection to {hosts}", tpu.name)
                 continue
             if requeue and retries < int(resources["max_retries"]):
                 retries += 1
@@ -686,6 +687,7 @@ def _run_job(
                 print(
                     f"  job {job.num}: {cause}; recreating the TPU (retry {retries}/{resources['max_retries']})"
                 )
+                _record_retry(job, on_change, retries, cause, tpu.name)
                 tpu.delete(cause)
                 continue
             failed_worker = attempt.lost[0] if cut_off else attempt.first_failure
@@ -737,6 +739,17 @@ def _run_job(
         metrics=read_metrics(job.run_dir),
         log_tail="" if state == COMPLETED else tail(log),
     )
+
+
+def _record_retry(job: JobPlan, on_change, attempt: int, reason: str, tpu: str) -> None:
+    """A requeue event in the job's run dir (events.jsonl, as Slurm tasks write them), so the
+    registry counts it and `vlaunch-ctl status` / `history` show it while the job goes on."""
+    from launcher.task import append_event
+
+    event = {"time": time.time(), "event": "requeue", "attempt": attempt - 1, "by": "launcher"}
+    append_event(job.run_dir, {**event, "reason": reason, "tpu": tpu})
+    if on_change is not None:
+        on_change(job.num, "RUNNING", None, None)
 
 
 def _teardown(tpu: _Tpu, resources: dict[str, Any], ok: bool) -> None:

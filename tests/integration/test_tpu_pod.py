@@ -188,6 +188,9 @@ def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninte
     (job,) = reg.jobs(sweep.id)
     assert (job.state, job.exit_code, job.handle) == ("COMPLETED", 0, seen_node[0])
     assert job.checkpoint == f"{output_of(proc)}/checkpoints/10" and job.checkpoint_step == 10
+    assert job.requeues == 1  # the recreation, as `vlaunch-ctl status` shows it
+    (requeue,) = [e for e in reg.events(sweep.id, 0) if e.kind == "requeue"]
+    assert requeue.detail == f"preempted, TPU {seen_node[0]}"
 
 
 def _kill_session_sshd(fake, node_id: str, worker: int) -> None:
@@ -240,6 +243,14 @@ def test_a_lost_connection_runs_the_hosts_again_on_the_same_tpu_to_the_uninterru
     assert digest(output_of(proc)) == uninterrupted
     changes = [r for r in fake.requests() if r["method"] in ("POST", "DELETE")]
     assert [r["method"] for r in changes] == ["POST", "DELETE"]  # created once, deleted at the end
+    from launcher.registry import Registry
+
+    reg = Registry(Path(pod["env"]["VLAUNCH_REGISTRY"]))
+    sweep = reg.resolve("latest")
+    (job,) = reg.jobs(sweep.id)
+    assert (job.state, job.requeues) == ("COMPLETED", 1)
+    (requeue,) = [e for e in reg.events(sweep.id, 0) if e.kind == "requeue"]
+    assert requeue.detail == f"lost the connection to w1, TPU {seen_node[0]}"
 
 
 def test_a_reused_tpu_runs_a_failing_trainer_once_and_is_kept(pod):
