@@ -123,6 +123,26 @@ def digest(url: str) -> str:
     return storage.read_text(f"{url}/status/params.rank0.sha256").strip()
 
 
+def until_checkpoint_4(proc: subprocess.Popen) -> str:
+    """Read the launcher's output until its TPU is READY and step 4's checkpoint is committed in the
+    bucket; return the TPU's name."""
+    seen_node: list[str] = []
+
+    def committed() -> bool:
+        if not seen_node:
+            seen_node.extend(
+                line.split("TPU ", 1)[1].split(" ", 1)[0] for line in proc.lines if "is READY" in line
+            )
+            return False
+        return any("checkpoint step 4 started" in line for line in proc.lines) and storage.exists(
+            f"{output_of(proc)}/checkpoints/4/commit_success.txt"
+        )
+
+    read_until(proc, committed)
+    assert seen_node, "".join(proc.lines[-50:])
+    return seen_node[0]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(pod):
     """The digest of the final parameters of a run nobody interrupts."""
@@ -150,20 +170,7 @@ def test_a_preempted_pod_is_recreated_and_resumes_to_the_parameters_of_an_uninte
     # The same run, preempted through the API once a checkpoint is committed.
     fake.clear_requests()
     proc = launch(pod, f"backend.queued={str(queued).lower()}")
-    seen_node = []
-
-    def committed() -> bool:
-        if not seen_node:
-            seen_node.extend(
-                line.split("TPU ", 1)[1].split(" ", 1)[0] for line in proc.lines if "is READY" in line
-            )
-            return False
-        return any("checkpoint step 4 started" in line for line in proc.lines) and storage.exists(
-            f"{output_of(proc)}/checkpoints/4/commit_success.txt"
-        )
-
-    read_until(proc, committed)
-    assert seen_node, "".join(proc.lines[-50:])
+    seen_node = [until_checkpoint_4(proc)]
     fake.preempt(seen_node[0], PROJECT, ZONE)
     code, text = finish(proc)
     assert code == 0, text[-4000:]
@@ -221,19 +228,7 @@ def test_a_lost_connection_runs_the_hosts_again_on_the_same_tpu_to_the_uninterru
     fake = pod["fake"]
     fake.clear_requests()
     proc = launch(pod)
-    seen_node = []
-
-    def training() -> bool:
-        if not seen_node:
-            seen_node.extend(
-                line.split("TPU ", 1)[1].split(" ", 1)[0] for line in proc.lines if "is READY" in line
-            )
-            return False
-        return any("checkpoint step 4 started" in line for line in proc.lines) and storage.exists(
-            f"{output_of(proc)}/checkpoints/4/commit_success.txt"
-        )
-
-    read_until(proc, training)
+    seen_node = [until_checkpoint_4(proc)]
     _kill_session_sshd(fake, seen_node[0], worker=1)
     code, text = finish(proc)
     assert code == 0, text[-4000:]
