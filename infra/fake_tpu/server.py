@@ -122,15 +122,14 @@ DEFAULT_RUNTIME_VERSIONS = (
     "v2-alpha-tpuv6e",
     "tpu-vm-tf-2.16.1-pjrt",
 )
-# AcceleratorConfig.Type numbers by generation (google/cloud/tpu/v2/cloud_tpu.proto).
-_ACCELERATOR_CONFIG_TYPE = {"v2": 2, "v3": 4, "v4": 7, "v5litepod": 9, "v5p": 10, "v6e": 11}
-_ACCELERATOR_CONFIG_NAME = {
-    "v2": "V2",
-    "v3": "V3",
-    "v4": "V4",
-    "v5litepod": "V5LITE_POD",
-    "v5p": "V5P",
-    "v6e": "V6E",
+# AcceleratorConfig.Type by generation: (name, number) (google/cloud/tpu/v2/cloud_tpu.proto).
+_ACCELERATOR_CONFIG_TYPE = {
+    "v2": ("V2", 2),
+    "v3": ("V3", 4),
+    "v4": ("V4", 7),
+    "v5litepod": ("V5LITE_POD", 9),
+    "v5p": ("V5P", 10),
+    "v6e": ("V6E", 11),
 }
 
 
@@ -836,11 +835,10 @@ class FakeTpuState:
     def accelerator_types(self, parent: str, int_enums: bool) -> list[dict]:
         out = []
         for name in sorted(self.config.workers, key=lambda t: (t.rsplit("-", 1)[0], _cores(t))):
-            generation = name.rsplit("-", 1)[0]
-            kind = (_ACCELERATOR_CONFIG_TYPE if int_enums else _ACCELERATOR_CONFIG_NAME).get(generation)
+            kind = _ACCELERATOR_CONFIG_TYPE.get(name.rsplit("-", 1)[0])
             entry: dict[str, Any] = {"name": f"{parent}/acceleratorTypes/{name}", "type": name}
             if kind is not None:
-                entry["acceleratorConfigs"] = [{"type": kind}]
+                entry["acceleratorConfigs"] = [{"type": kind[1] if int_enums else kind[0]}]
             out.append(entry)
         return out
 

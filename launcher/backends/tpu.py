@@ -690,13 +690,15 @@ def _run_job(
                 _record_retry(job, on_change, retries, cause, tpu.name)
                 tpu.delete(cause)
                 continue
-            failed_worker = attempt.lost[0] if cut_off else attempt.first_failure
-            bad = [c for c in attempt.codes if c != 0]
-            code_out = attempt.codes[failed_worker] if cut_off else bad[0] if bad else None
             if cut_off:
+                failed_worker = attempt.lost[0]
+                code_out = attempt.codes[failed_worker]
                 ended_by = f"lost the connection to w{failed_worker}, no retries left"
-            elif requeue:
-                ended_by = "preempted, no retries left"
+                break
+            failed_worker = attempt.first_failure
+            bad = [c for c in attempt.codes if c != 0]
+            code_out = bad[0] if bad else None
+            ended_by = "preempted, no retries left" if requeue else ""
             break
     except KeyboardInterrupt as e:
         cancelled = isinstance(e, JobCancelled)

@@ -235,8 +235,10 @@ def stop_earlier_program(workdir, grace_s):
         return
     if pgid <= 1 or not _group_alive(pgid, workdir):
         return
-    _say(f"a program of an earlier run is still running here (process group {pgid}): SIGTERM, "
-         f"SIGKILL after {grace_s:g}s")  # fmt: skip
+    _say(
+        f"a program of an earlier run is still running here (process group {pgid}): SIGTERM, "
+        f"SIGKILL after {grace_s:g}s"
+    )
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pgid, sig)
