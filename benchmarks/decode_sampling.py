@@ -3,11 +3,15 @@
 Videos (generated once into ``--out``, default ``/tmp/vlaunch_decode_bench``): ``--videos`` 30-second
 clips, 320x240 (MSRVTT's size) at 30 fps, h264 (libx264 ``veryfast``, crf 18, B-frames, the settings
 of ``sample_data.write_video``): a textured background panning like a camera, film grain on every
-frame and ``sample_data.render_video``'s moving shapes on top, about 0.5 Mbit/s. Two encodings of the
-same frames:
+frame and ``sample_data.render_video``'s moving shapes on top, about 0.5 Mbit/s. Three encodings of
+the same frames:
 
 * ``gop250``: the encoder's default keyframe interval (x264: 250 frames, one keyframe every 8.3 s);
-* ``gop2s``: a keyframe every 2 s (60 frames), as re-encoded datasets typically have.
+* ``gop2s``: a keyframe every 2 s (60 frames), as re-encoded datasets typically have;
+* ``prepared``: the gop250 video through ``python -m trainers.core.compress`` with its defaults (a
+  keyframe every half second, 7 non-reference B-frames between references, crf 23, same size and
+  rate), the preparation step this project recommends before training on a dataset;
+  ``--prepared 0.5 1 2`` measures it with other keyframe intervals as well (``prep 1s``, ...).
 
 For each sampling and encoding, the same random draws go to both readers:
 
@@ -16,13 +20,15 @@ For each sampling and encoding, the same random draws go to both readers:
   ones, as loaders that read whole videos do;
 * through last (stricter): the same, stopping at the last sampled frame (HF's ``read_video_pyav``).
 
-Run: ``.venv/bin/python benchmarks/decode_sampling.py [--out DIR] [--seconds S] [--core N]``.
+Run: ``.venv/bin/python benchmarks/decode_sampling.py [--out DIR] [--seconds S] [--core N] [--only NAME]
+[--prepared SECONDS ...] [--check]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -35,10 +41,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.core import clip_sampling as cs  # noqa: E402
+from trainers.core.compress import CompressOptions, compress_video  # noqa: E402
 from trainers.core.sample_data import _ALL_MOTIONS, render_video, write_video  # noqa: E402
 
 WIDTH, HEIGHT, FPS, SECONDS = 320, 240, 30, 30
-ENCODINGS = {"gop250": None, "gop2s": 2 * FPS}  # None: the encoder's default keyframe interval
+# Keyframe interval of each encoding written from the frames (None: the encoder's default); the
+# "prepared" ones are made from gop250 by the compress command.
+ENCODINGS = {"gop250": None, "gop2s": 2 * FPS}
 TARGET = 5.0
 VIDEO_VERSION = 1  # bump when the generated videos change
 
@@ -86,12 +95,22 @@ def _frames(seed: int) -> np.ndarray:
     return out
 
 
-def ensure_videos(out: Path, count: int) -> dict[str, list[Path]]:
-    """The benchmark videos, generated on first use."""
+def prepared_name(keyframe_seconds: float) -> str:
+    default = keyframe_seconds == CompressOptions().keyframe_seconds
+    return "prepared" if default else f"prep {keyframe_seconds:g}s"
+
+
+def ensure_videos(out: Path, count: int, prepared: list[float]) -> dict[str, list[Path]]:
+    """The benchmark videos, generated on first use; ``prepared``: the compress command's keyframe
+    intervals to measure (its other options at their defaults)."""
     root = out / f"v{VIDEO_VERSION}"
     paths = {enc: [root / enc / f"video{i}.mp4" for i in range(count)] for enc in ENCODINGS}
-    if all(p.exists() for ps in paths.values() for p in ps):
-        return paths
+    options = {}
+    for seconds in prepared:
+        options[prepared_name(seconds)] = CompressOptions(keyframe_seconds=seconds)
+        # Made again whenever the compress command's defaults change.
+        tag = hashlib.sha256(repr(options[prepared_name(seconds)]).encode()).hexdigest()[:8]
+        paths[prepared_name(seconds)] = [root / f"prepared-{tag}" / f"video{i}.mp4" for i in range(count)]
     for i in range(count):
         frames = None
         for enc, gop in ENCODINGS.items():
@@ -104,6 +123,13 @@ def ensure_videos(out: Path, count: int) -> dict[str, list[Path]]:
             write_video(tmp, frames, fps=FPS, gop_size=gop)
             os.replace(tmp, path)
             print(f"generated {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+        for enc, option in options.items():
+            if not paths[enc][i].exists():
+                compress_video(paths["gop250"][i], paths[enc][i], option)
+                print(
+                    f"compressed {paths[enc][i]} ({paths[enc][i].stat().st_size / 1e6:.2f} MB)",
+                    file=sys.stderr,
+                )
     return paths
 
 
@@ -163,6 +189,13 @@ def main(argv=None) -> int:
     parser.add_argument("--core", type=int, default=min(os.sched_getaffinity(0)))
     parser.add_argument("--only", default="", help="run the samplings whose name contains this")
     parser.add_argument("--check", action="store_true", help="verify ours == baseline frames first")
+    parser.add_argument(
+        "--prepared",
+        type=float,
+        nargs="*",
+        default=[CompressOptions().keyframe_seconds],
+        help="keyframe intervals (s) of the compress command's outputs to measure (default: its default)",
+    )
     args = parser.parse_args(argv)
 
     os.sched_setaffinity(0, {args.core})
@@ -172,7 +205,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     except ImportError:
         pass
-    paths = ensure_videos(args.out, args.videos)
+    paths = ensure_videos(args.out, args.videos, args.prepared)
 
     rows = []
     for name, sampler in SAMPLINGS.items():
@@ -188,14 +221,17 @@ def main(argv=None) -> int:
 
     print(
         f"one core (#{args.core}), {args.videos} videos x {SECONDS} s, {WIDTH}x{HEIGHT} @ {FPS} fps h264; "
-        f"gop250 = encoder default keyframe interval, gop2s = keyframe every 2 s; av {av.__version__}"
+        f"gop250 = encoder default keyframe interval, gop2s = keyframe every 2 s, prepared = gop250 "
+        f"through trainers.core.compress (prep Xs: with --keyframe-seconds X); av {av.__version__}"
     )
+    sizes = {enc: sum(p.stat().st_size for p in ps) / len(ps) / 1e6 for enc, ps in paths.items()}
+    print("MB per video: " + ", ".join(f"{enc} {mb:.2f}" for enc, mb in sizes.items()))
     print(
         "baseline = decode every frame of the 30-s clip, keep the sampled ones; "
         "(through last: stop at the last sampled frame, a stricter baseline)"
     )
     header = (
-        f"{'sampling':38} {'keyframes':9} {'ours clips/s':>12} {'baseline clips/s':>16} {'speed-up':>8}"
+        f"{'sampling':38} {'videos':11} {'ours clips/s':>12} {'baseline clips/s':>16} {'speed-up':>8}"
         f"  target >= {TARGET:g}x   {'through last clips/s':>20} {'speed-up':>8}"
     )
     print(header)
@@ -204,7 +240,7 @@ def main(argv=None) -> int:
         speedup, strict = r["ours"] / r["whole"], r["ours"] / r["through_last"]
         verdict = "met   " if speedup >= TARGET else "MISSED"
         print(
-            f"{r['sampling']:38} {r['encoding']:9} {r['ours']:12.1f} {r['whole']:16.1f} {speedup:7.1f}x"
+            f"{r['sampling']:38} {r['encoding']:11} {r['ours']:12.1f} {r['whole']:16.1f} {speedup:7.1f}x"
             f"  {verdict:14} {r['through_last']:20.1f} {strict:7.1f}x"
         )
     (args.out / "last_results.json").write_text(json.dumps(rows, indent=1))

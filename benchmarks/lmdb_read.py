@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.clipbert.lmdb_pack import LmdbVideoStore, find_videos, pack
+from trainers.clipbert.lmdb_pack import LmdbVideoStore, pack
 from trainers.core.clip_sampling import clipbert_indices, read_sampled
 from trainers.core.sample_data import ensure_sample_data
+from trainers.core.video import find_videos
 
 
 def rate(read, videos: list[str], repeats: int) -> float:

@@ -23,19 +23,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-VIDEO_EXTENSIONS = ("mp4", "avi", "mkv", "webm", "mov", "m4v", "mpg", "mpeg", "gif")
+from trainers.core.video import VIDEO_EXTENSIONS, find_videos
+
 _COMMIT_EVERY = 256  # videos per write transaction
 
 
 def video_key(relative: str | os.PathLike) -> str:
     """The LMDB key of a video file: its path relative to the packed folder, without the extension."""
     return Path(relative).with_suffix("").as_posix()
-
-
-def find_videos(video_dir: Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Path]:
-    """Video files under ``video_dir`` (recursively), sorted, by extension (case-insensitive)."""
-    wanted = {"." + e.lower().lstrip(".") for e in extensions}
-    return sorted(p for p in video_dir.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
 
 
 def pack(

@@ -28,6 +28,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import av
 import numpy as np
@@ -40,6 +41,15 @@ DEFAULT_INDEX_THRESHOLD = 96
 # Timestamps of the packets to decode in full while _decode_frames runs; the decoder may skip any other
 # non-reference frame. None: decode everything (no packet list, so frames are identified by counting).
 _KEEP_PTS: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar("keep_pts", default=None)
+
+
+VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "avi", "mkv", "webm", "mov", "m4v", "mpg", "mpeg", "gif")
+
+
+def find_videos(video_dir: Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Path]:
+    """Video files under ``video_dir`` (recursively), sorted, by extension (case-insensitive)."""
+    wanted = {"." + e.lower().lstrip(".") for e in extensions}
+    return sorted(p for p in video_dir.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
 
 
 class VideoReadError(RuntimeError):
