@@ -179,7 +179,8 @@ def folder(tmp_path):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode(None))
     (root / "notes.txt").write_text("not a video")
-    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8)
+    (root / "broken").mkdir()
+    (root / "broken" / "c.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8)
     return root
 
 
@@ -196,11 +197,12 @@ def test_folder_keeps_relative_paths_skips_a_broken_video_and_resumes(folder, tm
     out = tmp_path / "prepared"
     proc = _cli(folder, out, "--jobs", 2)
     assert proc.returncode == 0, proc.stderr
-    assert f"unreadable: {folder / 'broken.mp4'}" in proc.stdout
+    assert f"unreadable: {folder / 'broken' / 'c.mp4'}" in proc.stdout
     assert "compressed 2 videos" in proc.stdout and "1 unreadable" in proc.stdout
-    # Same names, so the annotation files still find them; the Matroska input is an mp4 now.
-    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == ["a.mp4", "sub/b.mkv"]
+    # Same names, so the annotation files still find them; the Matroska input is an mp4 now. The
+    # broken video's folder is not made.
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert written == ["a.mp4", "sub", "sub/b.mkv"]
     assert _numbers(_decode(out / "a.mp4")) == list(range(40))
     with av.open(str(out / "sub" / "b.mkv")) as container:
         assert "mp4" in container.format.name
@@ -227,8 +229,8 @@ def test_on_bad_input_fail_stops_with_exit_1_and_leaves_only_complete_videos(fol
     out = tmp_path / "prepared"
     proc = _cli(folder, out, "--on-bad-input", "fail", "--jobs", 1)
     assert proc.returncode == 1
-    assert "broken.mp4" in proc.stdout and "--on-bad-input fail" in proc.stderr
-    # broken.mp4 sorts before sub/b.mkv: the run stopped there; what it wrote before is whole.
+    assert "broken/c.mp4" in proc.stdout and "--on-bad-input fail" in proc.stderr
+    # broken/c.mp4 sorts before sub/b.mkv: the run stopped there; what it wrote before is whole.
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.mp4"]
     assert _numbers(_decode(out / "a.mp4")) == list(range(40))
 

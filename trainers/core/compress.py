@@ -120,7 +120,6 @@ def compress_video(src: str | os.PathLike, dst: str | os.PathLike, options: Comp
 
     src, dst = Path(src), Path(dst)
     partial = dst.with_name(dst.name + PARTIAL_SUFFIX)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         with av.open(str(src)) as source:
             if not source.streams.video:
@@ -131,6 +130,7 @@ def compress_video(src: str | os.PathLike, dst: str | os.PathLike, options: Comp
             rate = options.fps or video.average_rate or video.guessed_rate
             if not rate:
                 raise VideoReadError(f"{src}: its frame rate is unknown; give --fps")
+            dst.parent.mkdir(parents=True, exist_ok=True)
             with av.open(str(partial), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
                 written = _transcode(source, video, audio, out, Fraction(rate), options)
             if written == 0:
