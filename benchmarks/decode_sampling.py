@@ -144,7 +144,7 @@ def decode_through(path: Path, indices: list[int], whole: bool = False) -> np.nd
         stream.codec_context.thread_count = 1
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                kept[i] = frame.to_ndarray(format="rgb24")
+                kept[i] = frame.to_ndarray(format="rgb24", threads=1)  # as the reader converts
             if i >= last and not whole:
                 break
     return np.stack([kept[i] for i in indices])

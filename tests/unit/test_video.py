@@ -229,3 +229,26 @@ def test_mp4_probe_decodes_nothing_and_every_read_returns_the_full_decodes_frame
         frames = read_clip_frames(source(), indices, index_threshold=10)
         for frame, index in zip(frames, indices, strict=True):
             np.testing.assert_array_equal(frame, reference[index])
+
+
+def test_frames_are_converted_to_rgb_without_starting_threads(tmp_path, monkeypatch):
+    """FFmpeg's scaler starts worker threads for a conversion unless told not to. A process forked
+    while they exist (a DataLoader worker of a process that reads frames) has the scaler's state but
+    not its threads, and hung forever in its first conversion (a make test run stopped on it)."""
+    import os
+
+    path = tmp_path / "noise.mp4"
+    write_video(path, np.random.default_rng(0).integers(0, 256, (8, 240, 320, 3), dtype=np.uint8), fps=8)
+    threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    before = threads()
+    during = []
+    convert = video._rgb
+
+    def watched(frame):
+        rgb = convert(frame)
+        during.append(threads())
+        return rgb
+
+    monkeypatch.setattr(video, "_rgb", watched)
+    read_clip_frames(path, [0, 3, 5])
+    assert len(during) == 3 and max(during) == before

@@ -175,7 +175,10 @@ def _transcode(source, video, audio, out, rate: Fraction, options: CompressOptio
         while count * tick < until:
             if end is not None and count * tick >= end:
                 return False
-            picture = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
+            # threads=1: scaler threads would hang a process forked from this one (see video._rgb).
+            picture = frame.reformat(
+                width=width, height=height, format="yuv420p", interpolation="BICUBIC", threads=1
+            )
             # A decoded frame keeps its source picture type, which libx264 would obey as a forced
             # frame type: the output would copy the source's keyframes instead of its own interval.
             picture.pict_type = PictureType.NONE

@@ -16,8 +16,8 @@ Two rules shape this module:
   packet's frame, so it has the decoder skip the non-reference frames it does not want (B-frames that
   no other frame is predicted from: about a third of the decoding time of an x264 video); frames that
   are wanted, and every frame later ones depend on, are decoded as usual, so the pixels are exactly
-  those of a full decode. Each decoder runs on one thread: a DataLoader already runs one reader per
-  worker process.
+  those of a full decode. Each decoder, and each conversion to RGB, runs on one thread: a DataLoader
+  already runs one reader per worker process.
 """
 
 from __future__ import annotations
@@ -298,6 +298,16 @@ class _PacketIndex:
         return self.keyframes[max(0, bisect.bisect_right(self.keyframes, index) - 1)]
 
 
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as uint8 RGB ``(H, W, 3)``, converted on this thread.
+
+    FFmpeg's scaler otherwise starts worker threads for the conversion, and a process forked after
+    that (a DataLoader worker of a process that has read a frame) waits forever for threads it does
+    not have the first time it converts a frame.
+    """
+    return frame.to_ndarray(format="rgb24", threads=1)
+
+
 def _decode_frames(container, stream) -> Iterator[av.VideoFrame]:
     """Frames in presentation order from the container's current position (tests wrap this to count)."""
     keep = _KEEP_PTS.get()
@@ -349,10 +359,10 @@ def _decode_at(path, container, stream, indices, packets: _PacketIndex | None, p
                 pos = packets.index_of(frame.pts) if by_pts and frame.pts is not None else pos + 1
                 last_frame = frame
                 if pos in wanted_set and pos not in kept:
-                    kept[pos] = frame.to_ndarray(format="rgb24")
+                    kept[pos] = _rgb(frame)
                 if pos >= target:
                     if target not in kept:  # a frame without its own timestamp: take the next one
-                        kept[target] = frame.to_ndarray(format="rgb24")
+                        kept[target] = _rgb(frame)
                     break
             else:
                 break  # end of stream
@@ -370,6 +380,6 @@ def _decode_at(path, container, stream, indices, packets: _PacketIndex | None, p
                 f"video {os.fspath(path)} has no frame {missing[0]} (decoding ended after frame {pos})"
             )
         logger.debug("%s ends at frame %d; repeating it for frames %s", os.fspath(path), pos, missing)
-        tail = last_frame.to_ndarray(format="rgb24")
+        tail = _rgb(last_frame)
         kept.update(dict.fromkeys(missing, tail))
     return np.stack([kept[i] for i in indices])
