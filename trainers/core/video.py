@@ -301,9 +301,9 @@ class _PacketIndex:
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
     """A decoded frame as uint8 RGB ``(H, W, 3)``, converted on this thread.
 
-    FFmpeg's scaler otherwise starts worker threads for the conversion, and a process forked after
-    that (a DataLoader worker of a process that has read a frame) waits forever for threads it does
-    not have the first time it converts a frame.
+    FFmpeg's scaler otherwise starts worker threads for the conversion, and a process forked while
+    such threads exist (a DataLoader worker) has the scaler's state without its threads and waits
+    forever the first time it converts a frame.
     """
     return frame.to_ndarray(format="rgb24", threads=1)
 
