@@ -107,10 +107,11 @@ def ensure_videos(out: Path, count: int, prepared: list[float]) -> dict[str, lis
     paths = {enc: [root / enc / f"video{i}.mp4" for i in range(count)] for enc in ENCODINGS}
     options = {}
     for seconds in prepared:
-        options[prepared_name(seconds)] = CompressOptions(keyframe_seconds=seconds)
+        name = prepared_name(seconds)
+        options[name] = CompressOptions(keyframe_seconds=seconds)
         # Made again whenever the compress command's defaults change.
-        tag = hashlib.sha256(repr(options[prepared_name(seconds)]).encode()).hexdigest()[:8]
-        paths[prepared_name(seconds)] = [root / f"prepared-{tag}" / f"video{i}.mp4" for i in range(count)]
+        tag = hashlib.sha256(repr(options[name]).encode()).hexdigest()[:8]
+        paths[name] = [root / f"prepared-{tag}" / f"video{i}.mp4" for i in range(count)]
     for i in range(count):
         frames = None
         for enc, gop in ENCODINGS.items():

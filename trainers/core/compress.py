@@ -42,11 +42,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
-from trainers.core.video import VIDEO_EXTENSIONS, find_videos
+import av
+from av.video.frame import PictureType
+
+from trainers.core.video import VIDEO_EXTENSIONS, VideoReadError, find_videos
 
 X264_PRESETS = (
     "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"
@@ -114,10 +117,6 @@ def compress_video(src: str | os.PathLike, dst: str | os.PathLike, options: Comp
 
     Raises ``VideoReadError`` naming ``src`` when it cannot be read.
     """
-    import av
-
-    from trainers.core.video import VideoReadError
-
     src, dst = Path(src), Path(dst)
     partial = dst.with_name(dst.name + PARTIAL_SUFFIX)
     try:
@@ -145,8 +144,6 @@ def compress_video(src: str | os.PathLike, dst: str | os.PathLike, options: Comp
 
 def _transcode(source, video, audio, out, rate: Fraction, options: CompressOptions) -> int:
     """Decode ``video`` and encode it into ``out`` at ``rate`` (and copy ``audio``); returns frames written."""
-    from av.video.frame import PictureType
-
     width, height = output_size(video.codec_context.width, video.codec_context.height, options.short_side)
     stream = out.add_stream("libx264", rate=rate)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -217,8 +214,6 @@ def _transcode(source, video, audio, out, rate: Fraction, options: CompressOptio
 
 def _compress_item(item: tuple[Path, Path, CompressOptions]) -> tuple[Path, int, str | None]:
     """``(src, bytes written, None)`` or ``(src, 0, "path: reason")``; never raises for a bad video."""
-    from trainers.core.video import VideoReadError
-
     src, dst, options = item
     try:
         return src, compress_video(src, dst, options), None
@@ -370,24 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        options = CompressOptions(
-            fps=args.fps,
-            short_side=args.short_side,
-            max_seconds=args.max_seconds,
-            keyframe_seconds=args.keyframe_seconds,
-            bframes=args.bframes,
-            crf=args.crf,
-            preset=args.preset,
-            audio=args.audio,
-        )
+        options = CompressOptions(**{f.name: getattr(args, f.name) for f in fields(CompressOptions)})
     except ValueError as e:
         parser.error(str(e))
     try:
-        import av
-
         av.codec.Codec("libx264", "w")
-    except Exception:  # noqa: BLE001 - any failure means the same thing here
-        print("error: this PyAV build has no libx264 encoder; install PyAV from PyPI (its wheels have it)")
+    except ValueError:  # av's UnknownCodecError
+        print(
+            "error: this PyAV build has no libx264 encoder; install PyAV from PyPI (its wheels have it)",
+            file=sys.stderr,
+        )
         return 2
     started = time.perf_counter()
     say = lambda message: print(message, flush=True)  # noqa: E731
